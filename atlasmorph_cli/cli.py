@@ -1,0 +1,199 @@
+"""The `atlasmorph` command: train | template | register | segment (parsing, messages, exit codes).
+
+Every command is a thin shell over functions in pipeline/train; an AtlasMorphError becomes one line
+on stderr and exit code 1 (`--debug` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from . import __version__
+from .commands import attribute_values
+from .errors import AtlasMorphError
+
+err = Console(stderr=True)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="AtlasMorph: conditional deformable brain templates (T1 + 34-structure label map) for any "
+    "age and sex, registration of a subject to its template, and atlas-based segmentation.",
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
+ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: all cores).")
+AgeOpt = typer.Option(None, "--age", help="Age in years.")
+SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
+AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from .pipeline import shipped_models
+
+        models = ", ".join(p.stem for p in shipped_models()) or "none"
+        typer.echo(f"atlasmorph {__version__} (shipped model: {models})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    """AtlasMorph command line."""
+
+
+def _warn(messages: list[str]) -> None:
+    for m in messages:
+        err.print(Text.assemble(("warning: ", "yellow"), m), soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Cohort CSV: t1, optional seg/mask, attribute columns."),
+    out: Path = typer.Option(..., "--out", help="Output folder: checkpoint, model.safetensors, history, split."),
+    attributes: str = typer.Option("age,sex", help="Comma-separated attribute columns, or 'none' (unconditional)."),
+    steps: int = typer.Option(1500, min=1, help="Training steps."),
+    batch_size: int = typer.Option(1, min=1, help="Subjects per step."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
+    image_loss: str = typer.Option("mse", help="Image similarity: mse or ncc."),
+    w_image: float = typer.Option(1.0, help="Weight: subject vs warped template."),
+    w_image_inverse: float = typer.Option(0.5, help="Weight: template vs subject warped to template."),
+    w_seg: float = typer.Option(1.0, help="Weight: soft Dice of warped template labels."),
+    w_smooth: float = typer.Option(0.05, help="Weight: gradient L2 of the displacement."),
+    w_centrality: float = typer.Option(0.1, help="Weight: kernel-weighted mean displacement."),
+    w_magnitude: float = typer.Option(0.001, help="Weight: mean squared displacement."),
+    bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
+    val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
+    val_every: int = typer.Option(100, min=1, help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, help="Random seed (split, sampling)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.safetensors."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this model (fine-tuning)."),
+    reference: Optional[Path] = typer.Option(None, help="Affine target: brain T1 in MNI space (default: MNI152 "
+                                             "from $ATLASMORPH_DATA, or the --init model's template)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache of prepared subjects (default: OUT/cache)."),
+    name: str = typer.Option("atlasmorph-custom", help="Model name stored in the file."),
+    threads: Optional[int] = ThreadsOpt,
+    workers: int = typer.Option(2, min=1, help="Processes for cohort preparation."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a conditional template + registration model on a cohort."""
+    from .train import LossWeights, TrainSettings, train as run_train
+    from .commands import training_reference
+
+    if image_loss not in ("mse", "ncc"):
+        raise AtlasMorphError(f"--image-loss must be mse or ncc, got '{image_loss}'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AtlasMorphError("--device cuda: no CUDA device is available")
+    names = [] if attributes.strip().lower() == "none" else [a.strip() for a in attributes.split(",") if a.strip()]
+    settings = TrainSettings(
+        data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
+        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude),
+        image_loss=image_loss, val_fraction=val_fraction, val_every=val_every,
+        checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
+        cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
+    )
+    final = run_train(settings, training_reference(reference, init))
+    err.print(f"model written to {final}")
+
+
+# ----------------------------------------------------------------------------------------- template
+@app.command()
+def template(
+    output: Path = typer.Option(..., "-o", "--output", help="Template T1 (.nii.gz/.mgz); with an age range, "
+                                "one file per age named OUTPUT_age-<A>."),
+    age: Optional[str] = typer.Option(None, "--age", help="Age in years, or START:STOP:STEP for a trajectory."),
+    sex: Optional[str] = SexOpt,
+    attr: Optional[list[str]] = AttrOpt,
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Hard label map (FreeSurfer ids)."),
+    probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities (background + 34)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Montage of slices (across ages for a trajectory)."),
+    model: Optional[Path] = ModelOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Write the template (T1, labels, probabilities) for given attributes, in MNI space."""
+    from .commands import run_template
+
+    run_template(output, age, sex, attr, labels, probs, png, model, threads, _warn)
+
+
+# ----------------------------------------------------------------------------------------- register
+@app.command()
+def register(
+    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation."),
+    age: Optional[float] = AgeOpt,
+    sex: Optional[str] = SexOpt,
+    attr: Optional[list[str]] = AttrOpt,
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask on the image's grid."),
+    moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
+    template_out: Optional[Path] = typer.Option(None, "-O", "--template-out", help="Template moved into subject space."),
+    trans: Optional[Path] = typer.Option(None, "-t", "--trans", help="Subject->template warp (on the template grid)."),
+    inverse: Optional[Path] = typer.Option(None, "-T", "--inverse", help="Template->subject warp (on the subject grid)."),
+    affine_out: Optional[Path] = typer.Option(None, "--affine", help="Affine part, ITK/ANTs text (.txt)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Template labels in subject space."),
+    jacobian: Optional[Path] = typer.Option(None, "--jacobian", help="log-Jacobian determinant (template grid)."),
+    warp_format: str = typer.Option("fs", "--warp-format", help="fs (RAS mm, intent 1006) or itk (LPS, 1007)."),
+    model: Optional[Path] = ModelOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Register a subject to its attribute-matched template; writes only the outputs asked for."""
+    from .commands import run_register
+
+    run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
+                 labels, jacobian, warp_format, model, threads, _warn)
+
+
+# ----------------------------------------------------------------------------------------- segment
+@app.command()
+def segment(
+    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation."),
+    output: Path = typer.Option(..., "-o", "--output", help="Segmentation (34 structures, FreeSurfer ids)."),
+    age: Optional[float] = AgeOpt,
+    sex: Optional[str] = SexOpt,
+    attr: Optional[list[str]] = AttrOpt,
+    mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask on the image's grid."),
+    probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
+    vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3."),
+    model: Optional[Path] = ModelOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Segment a subject with the label map of its conditional template (subject's own grid)."""
+    from .commands import run_segment
+
+    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning errors into one line on stderr and exit code 1."""
+    debug = "--debug" in sys.argv
+    try:
+        app()
+    except AtlasMorphError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(Text.assemble(("atlasmorph: error: ", "bold red"), str(exc)), soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err.print("atlasmorph: interrupted", highlight=False)
+        sys.exit(130)
+    except Exception as exc:  # anything unexpected: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        msg = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
+        err.print(Text.assemble(("atlasmorph: internal error: ", "bold red"), msg), soft_wrap=True)
+        sys.exit(1)

@@ -1,0 +1,144 @@
+"""AtlasMorph = TemplateNet (attributes -> T1 + label template) + RegNet (subject, template -> warp).
+
+A model file is a safetensors file whose metadata holds the whole configuration (architecture,
+model grid, attribute encoding, label table, loss weights, versions), so the file alone rebuilds
+the model. Loading never unpickles.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from . import __version__
+from .attributes import AttributeEncoder
+from .errors import AtlasMorphError
+from .io import atomic_path
+from .labels import N_CLASSES, STRUCTURES
+from .nn.networks import RegNet, TemplateNet, velocity_to_displacements
+from .space import Grid
+
+FORMAT = "atlasmorph-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a model besides its weights."""
+
+    name: str
+    grid: dict
+    attributes: list[dict]
+    template_width: int = 32
+    reg_enc: list[int] = field(default_factory=lambda: [16, 32, 32, 32])
+    reg_dec: list[int] = field(default_factory=lambda: [32, 32, 32])
+    int_steps: int = 7
+    n_classes: int = N_CLASSES
+    labels: list[list] = field(default_factory=lambda: [[s.fs_id, s.name] for s in STRUCTURES])
+    loss_weights: dict = field(default_factory=dict)
+    training: dict = field(default_factory=dict)
+    package_version: str = __version__
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def encoder(self) -> AttributeEncoder:
+        return AttributeEncoder.from_dict(self.attributes)
+
+    @property
+    def model_grid(self) -> Grid:
+        return Grid.from_dict(self.grid)
+
+
+class AtlasMorph(torch.nn.Module):
+    """The conditional template network and the registration network that share one model grid."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        shape = tuple(config.grid["shape"])
+        self.template_net = TemplateNet(config.encoder.width, shape, config.n_classes, config.template_width)
+        self.reg_net = RegNet(2, tuple(config.reg_enc), tuple(config.reg_dec), config.int_steps)
+
+    def template(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Template T1 (B,1,...) and label logits (B,C,...) for encoded attributes (B, A)."""
+        return TemplateNet.split(self.template_net(attrs))
+
+    def register(self, subject: torch.Tensor, template_t1: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Velocity and displacements between a subject and a template, both on the model grid.
+
+        `fwd` warps the template into the subject's frame; `inv` warps the subject into the template's.
+        """
+        vel = self.reg_net(subject, template_t1)
+        fwd, inv, fwd_half = velocity_to_displacements(vel, self.config.int_steps)
+        return {"vel": vel, "fwd": fwd, "inv": inv, "fwd_half": fwd_half}
+
+
+def save_model(model: AtlasMorph, path: Path | str) -> Path:
+    """Write weights + configuration to a safetensors file, atomically."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    meta = {"format": FORMAT, "config": json.dumps(asdict(model.config))}
+    with atomic_path(Path(path)) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return Path(path)
+
+
+def _refuse_pickle(path: Path) -> None:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        raise AtlasMorphError(
+            f"{path}: this is a pickle/.pt file; AtlasMorph only loads safetensors model files (no unpickling)"
+        )
+
+
+def read_config(path: Path | str) -> ModelConfig:
+    """The configuration stored in a model file, checked for format and version."""
+    path = Path(path)
+    if not path.is_file():
+        raise AtlasMorphError(f"{path}: no such model file")
+    _refuse_pickle(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as exc:
+        raise AtlasMorphError(f"{path}: not a safetensors model file ({exc})") from exc
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise AtlasMorphError(f"{path}: not an AtlasMorph model (no AtlasMorph configuration in its metadata)")
+    cfg = json.loads(meta["config"])
+    if cfg.get("format_version") != FORMAT_VERSION:
+        raise AtlasMorphError(
+            f"{path}: model format version {cfg.get('format_version')} is not supported by "
+            f"atlasmorph {__version__} (expects {FORMAT_VERSION})"
+        )
+    known = set(ModelConfig.__dataclass_fields__)
+    return ModelConfig(**{k: v for k, v in cfg.items() if k in known})
+
+
+def load_model(path: Path | str, device: str = "cpu") -> AtlasMorph:
+    """Rebuild a model from its file (configuration from the metadata, weights from the tensors)."""
+    config = read_config(path)
+    model = AtlasMorph(config)
+    state = {}
+    with safe_open(str(path), framework="pt", device=device) as f:
+        for k in f.keys():
+            state[k] = f.get_tensor(k)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise AtlasMorphError(f"{path}: weights do not match the stored configuration ({exc})") from exc
+    return model.to(device).eval()
+
+
+def sha256(path: Path | str) -> str:
+    """sha256 of a file, as printed in the model card."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

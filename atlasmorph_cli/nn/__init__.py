@@ -1,0 +1,1 @@
+"""Neural-network building blocks: spatial layers, losses and the template / registration networks."""

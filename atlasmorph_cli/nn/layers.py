@@ -1,0 +1,111 @@
+"""Spatial layers: sampling, warping, velocity integration, composition, resizing and Jacobians.
+
+Conventions: volumes are (B, C, X, Y, Z) with X, Y, Z the voxel axes i, j, k. Displacement and
+velocity fields are (B, 3, X, Y, Z) in voxel units of the grid they live on; channel 0 moves along i,
+1 along j, 2 along k. All sampling uses `grid_sample(align_corners=True)`, so voxel index c of an axis
+of n voxels is the normalised coordinate 2 c / (n - 1) - 1 (voxel centres, exactly).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+_MODES = {"bilinear": "bilinear", "linear": "bilinear", "trilinear": "bilinear", "nearest": "nearest"}
+
+
+def identity_grid(
+    shape: Sequence[int], device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Voxel coordinates (3, X, Y, Z) of a grid: the identity map that displacements are added to."""
+    axes = [torch.arange(int(n), device=device, dtype=dtype) for n in shape]
+    return torch.stack(torch.meshgrid(*axes, indexing="ij"))
+
+
+def _normalised_grid(coords: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """Voxel coordinates (B, 3, ...) of a grid of `shape` -> grid_sample's (B, ..., 3) in (k, j, i) order."""
+    norm = [coords[:, a] * (2.0 / max(int(n) - 1, 1)) - 1.0 for a, n in enumerate(shape)]
+    return torch.stack(norm[::-1], dim=-1)
+
+
+def sample_at(
+    vol: torch.Tensor, coords: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Sample vol (B, C, X, Y, Z) at voxel coordinates coords (B, 3, X', Y', Z') -> (B, C, X', Y', Z').
+
+    A batch of 1 on either side is broadcast to the other. `mode` is "bilinear" (trilinear in 3-D) or
+    "nearest"; `padding_mode` is "border", "zeros" or "reflection" (what lies outside the volume).
+    """
+    if mode not in _MODES:
+        raise ValueError(f"unknown interpolation mode {mode!r}")
+    if vol.shape[0] != coords.shape[0]:
+        b = max(vol.shape[0], coords.shape[0])
+        vol, coords = vol.expand(b, *vol.shape[1:]), coords.expand(b, *coords.shape[1:])
+    grid = _normalised_grid(coords.to(vol.dtype), vol.shape[2:])
+    return F.grid_sample(vol, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=True)
+
+
+def warp(
+    vol: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Pull-back warp: out(x) = vol(x + disp(x)); vol (B, C, X, Y, Z), disp (B, 3, X, Y, Z) on the same grid."""
+    if tuple(vol.shape[2:]) != tuple(disp.shape[2:]):
+        raise ValueError(f"volume grid {tuple(vol.shape[2:])} != field grid {tuple(disp.shape[2:])}")
+    coords = identity_grid(disp.shape[2:], disp.device, disp.dtype).unsqueeze(0) + disp
+    return sample_at(vol, coords, mode, padding_mode)
+
+
+def compose(
+    disp_a: torch.Tensor, disp_b: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
+) -> torch.Tensor:
+    """Displacement of phi_a o phi_b, i.e. x -> x + b(x) + a(x + b(x)): b is applied first, then a.
+
+    So warp(warp(vol, a), b) ~= warp(vol, compose(a, b)).
+    """
+    return disp_b + warp(disp_a, disp_b, mode, padding_mode)
+
+
+def integrate_velocity(vel: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring: exp(vel) as a displacement, via u = vel / 2**steps, then u <- u o u `steps` times."""
+    disp = vel / (2.0**steps)
+    for _ in range(steps):
+        disp = disp + warp(disp, disp)
+    return disp
+
+
+def resize_field(
+    disp: torch.Tensor,
+    factor: float | Sequence[int] | None = None,
+    shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Trilinearly resample a displacement field to another resolution and rescale its vectors.
+
+    Give a scale `factor` (e.g. 2.0) or a target `shape` (a tuple as `factor` is taken as a shape).
+    Grids are related by voxel extents (align_corners=False: voxel i of n spans [i, i+1) * N/n of a grid
+    of N), so the vectors are multiplied by N/n per axis, exactly 2 for a factor of 2.
+    """
+    in_shape = tuple(int(n) for n in disp.shape[2:])
+    if shape is None and isinstance(factor, (tuple, list, torch.Size)):
+        shape, factor = factor, None
+    if shape is None:
+        if factor is None:
+            raise ValueError("give factor or shape")
+        shape = tuple(int(round(n * float(factor))) for n in in_shape)
+    shape = tuple(int(n) for n in shape)
+    if shape == in_shape:
+        return disp
+    out = F.interpolate(disp, size=shape, mode="trilinear", align_corners=False)
+    scale = torch.tensor([o / i for o, i in zip(shape, in_shape)], device=disp.device, dtype=disp.dtype)
+    return out * scale.view(1, 3, 1, 1, 1)
+
+
+def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
+    """Jacobian determinant (B, X, Y, Z) of x -> x + disp(x), central differences (one-sided at edges)."""
+    grads = torch.gradient(disp, dim=(2, 3, 4))  # grads[c][:, r] = d disp_r / d x_c
+    j = [[grads[c][:, r] + (1.0 if r == c else 0.0) for c in range(3)] for r in range(3)]
+    return (
+        j[0][0] * (j[1][1] * j[2][2] - j[1][2] * j[2][1])
+        - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
+        + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
+    )

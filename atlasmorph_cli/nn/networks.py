@@ -1,0 +1,141 @@
+"""The conditional template network and the registration U-Net (lean, for CPU training)."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .layers import integrate_velocity, resize_field
+
+
+def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
+    """3x3x3 convolution + LeakyReLU(0.2), the unit of both networks."""
+    return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
+
+
+def upsample2(x: torch.Tensor, mode: str = "trilinear") -> torch.Tensor:
+    """Upsample a feature volume by 2 along each spatial axis."""
+    if mode == "nearest":
+        return F.interpolate(x, scale_factor=2, mode="nearest")
+    return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+
+
+class TemplateNet(nn.Module):
+    """Conditional template: a learned base (population average) plus an attribute-driven residual.
+
+    Output channel 0 is T1 intensity (0..1 scale), channels 1.. are label logits. The residual branch
+    maps attributes -> MLP -> a (X/16, Y/16, Z/16) feature volume -> 3 x (upsample, conv) to half
+    resolution -> a zero-initialised conv -> trilinear upsample to full resolution, so training starts
+    from the base template exactly.
+    """
+
+    def __init__(self, n_attrs: int, shape: Sequence[int], n_classes: int = 35, width: int = 32):
+        super().__init__()
+        self.n_attrs, self.n_classes, self.shape = int(n_attrs), int(n_classes), tuple(int(s) for s in shape)
+        if any(s % 16 for s in self.shape):
+            raise ValueError(f"template shape {self.shape} must be divisible by 16")
+        self.base = nn.Parameter(torch.zeros(1, 1 + self.n_classes, *self.shape))
+        if self.n_attrs > 0:
+            self.low = tuple(s // 16 for s in self.shape)
+            self.width = int(width)
+            n_low = self.width * self.low[0] * self.low[1] * self.low[2]
+            self.mlp = nn.Sequential(nn.Linear(self.n_attrs, 64), nn.ELU(), nn.Linear(64, n_low), nn.ELU())
+            chans = (self.width, self.width, self.width, self.width // 2)
+            self.decoder = nn.ModuleList(conv_block(chans[i], chans[i + 1]) for i in range(3))
+            self.head = nn.Conv3d(chans[-1], 1 + self.n_classes, 3, padding=1)
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def init_base(self, mean_t1: torch.Tensor, mean_onehot: torch.Tensor) -> None:
+        """Start from the cohort average: intensity = mean_t1 (X,Y,Z), logits = log of renormalised clamp(p, 1e-3)."""
+        p = mean_onehot.to(self.base).clamp_min(1e-3)
+        p = p / p.sum(0, keepdim=True)
+        self.base[0, 0] = mean_t1.to(self.base)
+        self.base[0, 1:] = torch.log(p)
+
+    def residual(self, attrs: torch.Tensor) -> torch.Tensor:
+        """Attribute-dependent residual (B, 1 + n_classes, X, Y, Z)."""
+        x = self.mlp(attrs).view(attrs.shape[0], self.width, *self.low)
+        for block in self.decoder:
+            x = block(upsample2(x))
+        return upsample2(self.head(x))
+
+    def forward(self, attrs: torch.Tensor) -> torch.Tensor:
+        """Template(s) for attributes (B, n_attrs) -> raw output (B, 1 + n_classes, X, Y, Z)."""
+        if self.n_attrs == 0:
+            return self.base.expand(attrs.shape[0], *self.base.shape[1:])
+        return self.base + self.residual(attrs.to(self.base.dtype))
+
+    @staticmethod
+    def split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw output -> (t1 (B, 1, ...), label logits (B, n_classes, ...))."""
+        return out[:, :1], out[:, 1:]
+
+
+def velocity_to_displacements(
+    vel_half: torch.Tensor, steps: int = 7
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integrate +vel and -vel at half resolution; returns (fwd_full, inv_full, fwd_half).
+
+    fwd warps the TEMPLATE into the subject's frame (warp(template, fwd_full)); inv warps the subject
+    into the template's frame. Full-resolution fields are resized x2 with vectors doubled.
+    """
+    fwd_half = integrate_velocity(vel_half, steps)
+    inv_half = integrate_velocity(-vel_half, steps)
+    return resize_field(fwd_half, 2.0), resize_field(inv_half, 2.0), fwd_half
+
+
+class RegNet(nn.Module):
+    """Lean U-Net: (subject, template T1) -> stationary velocity field at half resolution (voxels of that grid).
+
+    Encoder: full-resolution conv enc[0], then stride-2 convs to 1/2 (enc[1]), 1/4 (enc[2]), 1/8 (enc[3]).
+    Decoder: conv dec[0] at 1/8, then (upsample, concat skip, conv) to 1/4 (dec[1]) and 1/2 (dec[2]),
+    and a near-zero-initialised 3-channel velocity conv.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2,
+        enc: Sequence[int] = (16, 32, 32, 32),
+        dec: Sequence[int] = (32, 32, 32),
+        int_steps: int = 7,
+    ):
+        super().__init__()
+        if len(enc) != 4 or len(dec) != 3:
+            raise ValueError("RegNet needs 4 encoder and 3 decoder widths")
+        self.int_steps = int(int_steps)
+        self.enc0 = conv_block(in_channels, enc[0])
+        self.down = nn.ModuleList(conv_block(enc[i], enc[i + 1], stride=2) for i in range(3))
+        self.dec = nn.ModuleList(
+            [conv_block(enc[3], dec[0]), conv_block(dec[0] + enc[2], dec[1]), conv_block(dec[1] + enc[1], dec[2])]
+        )
+        self.flow = nn.Conv3d(dec[2], 3, 3, padding=1)
+        nn.init.normal_(self.flow.weight, std=1e-5)
+        nn.init.zeros_(self.flow.bias)
+
+    def forward(self, subject: torch.Tensor, template_t1: torch.Tensor) -> torch.Tensor:
+        """(B,1,X,Y,Z) subject and template T1 -> velocity (B, 3, X/2, Y/2, Z/2)."""
+        if template_t1.shape[0] != subject.shape[0]:
+            template_t1 = template_t1.expand(subject.shape[0], *template_t1.shape[1:])
+        e0 = self.enc0(torch.cat([subject, template_t1], dim=1))
+        e1 = self.down[0](e0)
+        e2 = self.down[1](e1)
+        x = self.dec[0](self.down[2](e2))
+        for block, skip in ((self.dec[1], e2), (self.dec[2], e1)):
+            x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
+            x = block(torch.cat([x, skip], dim=1))
+        return self.flow(x)
+
+    def velocity_to_displacements(
+        self, vel_half: torch.Tensor, steps: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(fwd_full, inv_full, fwd_half) from a half-resolution velocity; see the module function."""
+        return velocity_to_displacements(vel_half, self.int_steps if steps is None else steps)
+
+
+def n_params(module: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -1,0 +1,322 @@
+"""Training loop: cohort -> model space -> networks -> losses; validation, checkpoints, resume, DDP.
+
+Every step draws a batch with a seeded generator whose state is checkpointed together with the
+weights, the optimiser and the centrality memory, so `--resume` continues exactly where a killed
+run stopped. Under `torchrun` the training subjects are split across ranks (gloo on CPU, nccl on
+GPU) and only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from rich.progress import TextColumn
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .attributes import AttributeEncoder
+from .cohort import Subject, load_prepared, prepare_cohort, read_cohort
+from .errors import AtlasMorphError
+from .io import atomic_path
+from .labels import N_CLASSES
+from .metrics import dice_per_structure
+from .model import AtlasMorph, ModelConfig, load_model, save_model
+from .nn import losses
+from .nn.layers import warp
+from .progress import progress_bar
+from .space import MODEL_GRID
+
+
+@dataclass
+class LossWeights:
+    """Weights of the loss terms (recorded in every checkpoint and model file)."""
+
+    image: float = 1.0  # subject vs warped template (MSE or NCC)
+    image_inverse: float = 0.5  # template vs subject warped into template space
+    seg: float = 1.0  # soft Dice: subject labels vs warped template label map
+    smooth: float = 0.05  # gradient L2 of the half-resolution displacement
+    centrality: float = 0.1  # kernel-weighted mean displacement toward zero
+    magnitude: float = 0.001  # plain mean squared displacement
+
+
+@dataclass
+class TrainSettings:
+    """Everything `atlasmorph train` can be told."""
+
+    data: Path
+    out: Path
+    attributes: list[str] = field(default_factory=lambda: ["age", "sex"])
+    steps: int = 1500
+    batch_size: int = 1
+    lr: float = 1e-3
+    weights: LossWeights = field(default_factory=LossWeights)
+    image_loss: str = "mse"
+    val_fraction: float = 0.15
+    val_every: int = 100
+    val_max: int = 12
+    checkpoint_every: int = 50
+    seed: int = 0
+    resume: bool = False
+    init: Path | None = None
+    reference: Path | None = None
+    cache: Path | None = None
+    threads: int | None = None
+    workers: int = 2
+    device: str = "cpu"
+    bandwidth: float = 0.5
+    template_width: int = 32
+    name: str = "atlasmorph-custom"
+    quiet: bool = False
+
+
+def split_subjects(subjects: list[Subject], fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
+    """Hold out a fraction of subjects for validation, chosen by a seeded permutation of ids."""
+    ids = sorted(s.id for s in subjects)
+    rng = np.random.default_rng(seed)
+    n_val = int(round(fraction * len(ids))) if fraction > 0 else 0
+    if len(ids) - n_val < 1:
+        raise AtlasMorphError("not enough subjects left for training after the validation split")
+    val = set(rng.permutation(ids)[:n_val].tolist())
+    return [s for s in subjects if s.id not in val], [s for s in subjects if s.id in val]
+
+
+def usable_subjects(subjects: list[Subject], names: list[str]) -> tuple[list[Subject], list[Subject]]:
+    """Subjects with every training attribute filled in, and those left out for lacking one."""
+    if subjects and names:
+        missing = [n for n in names if n not in subjects[0].attrs]
+        if missing:
+            raise AtlasMorphError(f"the cohort has no column {', '.join(repr(m) for m in missing)}")
+    ok = [s for s in subjects if all(s.attrs.get(n, "") != "" for n in names)]
+    return ok, [s for s in subjects if s not in ok]
+
+
+def label_frequencies(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
+    """Voxel-wise label frequencies (n, X, Y, Z) over subjects, one subject at a time to bound memory."""
+    if labels.shape[0] == 0:
+        return torch.full((n, *labels.shape[1:]), 1.0 / n)
+    counts = torch.zeros(n, *labels.shape[1:])
+    for lab in labels:
+        counts += F.one_hot(lab.long(), n).permute(3, 0, 1, 2)
+    return counts / labels.shape[0]
+
+
+def one_hot(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
+    """(B, X, Y, Z) integer labels -> (B, n, X, Y, Z) float one-hot."""
+    return F.one_hot(labels.long(), n).permute(0, 4, 1, 2, 3).float()
+
+
+class TrainingStep(torch.nn.Module):
+    """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
+
+    def __init__(self, model: AtlasMorph, settings: TrainSettings):
+        super().__init__()
+        self.model = model
+        self.w = settings.weights
+        self.image_loss = losses.mse if settings.image_loss == "mse" else losses.local_ncc
+        self.bandwidth = settings.bandwidth
+
+    def forward(self, x, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
+        t1_t, logits = self.model.template(attrs)
+        reg = self.model.register(x, t1_t)
+        terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
+        if self.w.image_inverse:
+            terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
+        if has_labels.any():
+            probs = warp(torch.softmax(logits, dim=1), reg["fwd"])
+            sel = has_labels.nonzero().flatten()
+            terms["seg"] = losses.soft_dice(probs[sel], one_hot(labels[sel]))
+        terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
+        terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
+        low = F.avg_pool3d(reg["fwd_half"], 2)
+        terms["centrality"] = losses.centrality_loss(
+            low, attrs, mem_fields, mem_attrs, mem_filled, idx, self.bandwidth
+        )
+        weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
+                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
+        total = sum(weights[k] * v for k, v in terms.items())
+        return total, terms, low.detach()
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: Path, model, optimizer, gen: torch.Generator, step: int, memory: dict,
+                    history: list[dict], settings_json: str) -> None:
+    """Weights, optimiser state, sampler RNG, centrality memory and history, atomically, no pickle."""
+    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    for pid, st in opt["state"].items():
+        for k, v in st.items():
+            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
+    tensors["rng"] = gen.get_state()
+    for k, v in memory.items():
+        tensors[f"mem.{k}"] = v.contiguous().cpu()
+    meta = {"step": str(step), "history": json.dumps(history), "settings": settings_json,
+            "config": json.dumps(asdict(model.config)), "opt_groups": json.dumps(opt["param_groups"])}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+
+
+def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator, memory: dict) -> tuple[int, list[dict]]:
+    """Restore what save_checkpoint wrote; returns (step, history)."""
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        keys = list(f.keys())
+        get = f.get_tensor
+        model.load_state_dict({k[6:]: get(k) for k in keys if k.startswith("model.")})
+        state: dict[int, dict] = {}
+        for k in keys:
+            if k.startswith("opt."):
+                _, pid, name = k.split(".", 2)
+                state.setdefault(int(pid), {})[name] = get(k)
+        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["opt_groups"])})
+        gen.set_state(get("rng"))
+        for k in memory:
+            memory[k].copy_(get(f"mem.{k}"))
+    return int(meta["step"]), json.loads(meta["history"])
+
+
+# ----------------------------------------------------------------------------------------- validation
+@torch.no_grad()
+def validate(model: AtlasMorph, t1: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor) -> np.ndarray:
+    """Per-structure Dice (subjects x 34) of the warped template label map against subjects' labels."""
+    model.eval()
+    rows = []
+    for i in range(t1.shape[0]):
+        x = t1[i : i + 1, None]
+        t1_t, logits = model.template(attrs[i : i + 1])
+        reg = model.register(x, t1_t)
+        seg = warp(torch.softmax(logits, 1), reg["fwd"]).argmax(1)[0]
+        rows.append(dice_per_structure(seg.numpy(), labels[i].numpy()))
+    model.train()
+    return np.array(rows)
+
+
+# ----------------------------------------------------------------------------------------- main loop
+def _dist_info() -> tuple[int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("RANK", "0")), world
+
+
+def train(s: TrainSettings, reference: np.ndarray) -> Path:
+    """Run training; returns the path of the final model file (written on rank 0)."""
+    rank, world = _dist_info()
+    device = torch.device(s.device if s.device != "cuda" else f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    s.out.mkdir(parents=True, exist_ok=True)
+
+    subjects = read_cohort(s.data)
+    init_model = load_model(s.init) if s.init else None
+    names = init_model.config.encoder.names if init_model else s.attributes
+    subjects, dropped = usable_subjects(subjects, names)
+    if not subjects:
+        raise AtlasMorphError("no subject has all of the attributes " + ", ".join(names))
+    train_subj, val_subj = split_subjects(subjects, s.val_fraction, s.seed)
+    encoder = init_model.config.encoder if init_model else AttributeEncoder.fit(names, [x.attrs for x in train_subj])
+
+    cache = s.cache or (s.out / "cache")
+    if rank == 0:
+        prepare_cohort(subjects, cache, reference, workers=s.workers, quiet=s.quiet)
+    if world > 1:
+        dist.barrier()
+    paths = {x.id: cache / f"{x.id}.npz" for x in subjects}
+
+    def stack(group: list[Subject]):
+        t1, lab, has = load_prepared([paths[x.id] for x in group])
+        a = np.stack([encoder.encode(encoder.parse(x.attrs)[0]) for x in group]).reshape(len(group), encoder.width)
+        return torch.from_numpy(t1), torch.from_numpy(lab), torch.from_numpy(has), torch.from_numpy(a).float()
+
+    tr_t1, tr_lab, has_lab, tr_attr = stack(train_subj)
+    val_labelled = [x for x in val_subj if x.seg is not None][: s.val_max]
+    va_t1, va_lab, _, va_attr = stack(val_labelled) if val_labelled else (None, None, None, None)
+
+    settings_json = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()})
+    if rank == 0:
+        with atomic_path(s.out / "split.json") as tmp:
+            tmp.write_text(json.dumps({"train": [x.id for x in train_subj], "validation": [x.id for x in val_subj],
+                                       "excluded_missing_attributes": [x.id for x in dropped],
+                                       "seed": s.seed, "val_fraction": s.val_fraction}, indent=1))
+
+    config = init_model.config if init_model else ModelConfig(
+        name=s.name, grid=MODEL_GRID.to_dict(), attributes=encoder.to_dict(), template_width=s.template_width)
+    config.loss_weights = asdict(s.weights)
+    config.training = {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "image_loss": s.image_loss,
+                       "seed": s.seed, "n_train": len(train_subj), "n_val": len(val_subj),
+                       "bandwidth": s.bandwidth, "world_size": world}
+    model = AtlasMorph(config).to(device)
+    if init_model is not None:
+        model.load_state_dict(init_model.state_dict())
+    else:
+        model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
+    model.train()
+
+    step_module = TrainingStep(model, s)
+    runner = (torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
+              if world > 1 else step_module)
+    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
+    gen = torch.Generator().manual_seed(s.seed + rank)
+    my_idx = torch.arange(len(train_subj))[rank::world]
+    low_shape = [d // 4 for d in MODEL_GRID.shape]
+    memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape), "attrs": tr_attr.clone(),
+              "filled": torch.zeros(len(train_subj), dtype=torch.bool)}
+    ckpt = s.out / "checkpoint.safetensors"
+    step, history = 0, []
+    if s.resume:
+        if not ckpt.is_file():
+            raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
+        step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
+
+    cols = TextColumn("{task.fields[info]}")
+    t0, steps_done = time.time(), 0
+    with progress_bar(s.quiet or rank != 0, cols) as bar:
+        task = bar.add_task("training", total=s.steps, completed=step, info="")
+        while step < s.steps:
+            pick = my_idx[torch.randint(len(my_idx), (s.batch_size,), generator=gen)]
+            x = tr_t1[pick, None].to(device)
+            total, terms, low = runner(x, tr_lab[pick].to(device), has_lab[pick], tr_attr[pick].to(device),
+                                       pick, memory["fields"], memory["attrs"], memory["filled"])
+            optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            memory["fields"][pick] = low.cpu()
+            memory["filled"][pick] = True
+            step += 1
+            steps_done += 1
+            rec = {"step": step, "loss": float(total), **{k: float(v) for k, v in terms.items()}}
+            if rank == 0 and va_t1 is not None and (step % s.val_every == 0 or step == s.steps):
+                d = validate(model, va_t1.to(device), va_lab, va_attr.to(device))
+                rec["val_dice"] = float(np.nanmean(d))
+            history.append(rec)
+            rate = steps_done / (time.time() - t0)
+            info = " ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "step") + f" {rate:.2f} it/s"
+            bar.update(task, completed=step, info=info)
+            if rank == 0 and (step % s.checkpoint_every == 0 or step == s.steps):
+                save_checkpoint(ckpt, model, optimizer, gen, step, memory, history, settings_json)
+    final = s.out / "model.safetensors"
+    if rank == 0:
+        save_model(model, final)
+        write_history(s.out / "history.csv", history)
+    if world > 1:
+        dist.barrier()
+    return final
+
+
+def write_history(path: Path, history: list[dict]) -> None:
+    """Loss terms and validation Dice per step, as CSV."""
+    keys: list[str] = []
+    for h in history:
+        keys += [k for k in h if k not in keys]
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(history)
