@@ -85,7 +85,9 @@ _MUSE_ONLY_IDS = frozenset(m for s in STRUCTURES for m in s.muse_ids) - frozense
 def looks_like_muse(labels: np.ndarray) -> bool:
     """True when a label map uses MUSE numbering (cortical ids >= 100) rather than FreeSurfer's aseg."""
     present = set(np.unique(labels).astype(int).tolist())
-    return len(present & _MUSE_ONLY_IDS) > 0 and not present & {172, 192}
+    # MUSE has no ids 2, 3 or 42 (FreeSurfer's cerebral white matter / cortex), which every aseg-style
+    # map has; MUSE does use 172 (PosteriorInsula_R) and 192 (SupplementaryMotorCortex_R).
+    return len(present & _MUSE_ONLY_IDS) > 0 and not present & {2, 3, 42}
 
 
 def to_index(labels: np.ndarray, scheme: str = "auto") -> np.ndarray:

@@ -213,9 +213,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    s.out.mkdir(parents=True, exist_ok=True)
-
     subjects = read_cohort(s.data)
+    s.out.mkdir(parents=True, exist_ok=True)
     init_model = load_model(s.init) if s.init else None
     names = init_model.config.encoder.names if init_model else s.attributes
     subjects, dropped = usable_subjects(subjects, names)
@@ -292,7 +291,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             memory["filled"][pick] = True
             step += 1
             steps_done += 1
-            rec = {"step": step, "loss": float(total), **{k: float(v) for k, v in terms.items()}}
+            rec = {"step": step, "loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
             if rank == 0 and va_t1 is not None and (step % s.val_every == 0 or step == s.steps):
                 d = validate(model, va_t1.to(device), va_lab, va_attr.to(device))
                 rec["val_dice"] = float(np.nanmean(d))
