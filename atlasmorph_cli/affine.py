@@ -4,19 +4,23 @@ The result is a 4x4 world-to-world matrix T taking FIXED (model/MNI) world point
 points (the pull-back convention), so that ``space.resample(moving, moving_affine, grid, world=T)``
 brings the moving image onto the fixed grid.
 
-Method (all deterministic):
+Method (deterministic):
 
-1. Both images are normalised inside their brain (non-zero) masks; the moving image is
-   box-averaged down to roughly the fixed voxel size when it is finer.
-2. Initialisation from the masks' moments: centres of mass are matched, the scale is set from the
-   brain volumes, and the rotation candidates are the identity plus the four proper rotations
-   that map the fixed principal axes onto the moving ones (the eigenvector sign ambiguity).
-3. Every candidate is optimised briefly at the coarsest level (in one batch); the best one is
-   refined coarse-to-fine. The similarity is the global normalised cross-correlation over the fixed
-   grid (brain and background box), on Gaussian-smoothed images at each level.
-4. The transform is x -> c_m + t + A0 (I + L / r) (x - c_f): translation t in mm and a 3x3 matrix L
-   scaled by a brain radius r = 50 mm, so every parameter is a displacement in mm at the brain
-   surface and Adam's step sizes mean the same thing for all 12 of them.
+1. Both images are intensity-normalised inside their brain (non-zero) masks; a moving image with
+   voxels much finer than the finest level is box-averaged down first.
+2. Initialisation from the brain masks' moments: centres of mass are matched, the scale is set
+   from the brain volumes, and the rotation candidates are the identity plus the four proper
+   rotations that map the fixed principal axes onto the moving ones (the eigenvector sign
+   ambiguity). Every candidate is optimised briefly at the coarsest level, in one batch, and the
+   best one is refined coarse-to-fine.
+3. Similarity: Mattes mutual information (cubic B-spline Parzen windows, 32 bins) between the
+   fixed image and the warped moving image, over a fixed pseudo-random set of points of the fixed
+   grid (brain and background box) with sub-voxel jitter, on Gaussian-smoothed images per level.
+   Its gradient is analytic: the joint histogram's derivative times the image gradient, sampled in
+   the same (fast, parallel) forward pass as the image itself.
+4. Parametrisation: x -> c_m + t + A0 (I + L / r)(x - c_f), translation t in mm and a 3x3 matrix
+   L scaled by a brain radius r = 50 mm, so every parameter is a displacement in mm at the brain
+   surface; Adam's step sizes then mean the same for all 12 of them.
 """
 from __future__ import annotations
 
@@ -33,22 +37,30 @@ from .errors import AtlasMorphError
 from .space import Grid
 
 RADIUS_MM = 50.0
+BINS = 32
+SEED = 20240611
 
 
 @dataclass(frozen=True)
 class Level:
-    """One resolution level: sample spacing (mm), smoothing sigma (mm), Adam iterations and step (mm)."""
+    """One resolution level.
+
+    spacing_mm: spacing of the fixed-grid sample points; sigma_mm: Gaussian smoothing of both
+    images; iterations and lr: Adam steps and step size (mm at the brain surface); fraction: share
+    of the level's grid points used (a fixed pseudo-random subset).
+    """
 
     spacing_mm: float
     sigma_mm: float
     iterations: int
     lr: float
+    fraction: float = 1.0
 
 
 LEVELS: tuple[Level, ...] = (
     Level(8.0, 4.0, 80, 1.0),
     Level(4.0, 2.0, 60, 0.4),
-    Level(2.0, 1.0, 30, 0.15),
+    Level(2.0, 0.0, 30, 0.15, 0.5),
 )
 CANDIDATE_ITERATIONS = 30
 
@@ -91,24 +103,20 @@ def _reduce(data: np.ndarray, affine: np.ndarray, target_mm: float) -> tuple[np.
     return t[0, 0].numpy(), affine @ scale
 
 
-def _gaussian_1d(sigma_vox: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(3.0 * sigma_vox)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-0.5 * (x / sigma_vox) ** 2)
-    return k / k.sum()
-
-
 def _smooth(vol: torch.Tensor, sigmas_vox: Sequence[float]) -> torch.Tensor:
     """Separable Gaussian blur of a (1, 1, X, Y, Z) tensor (zero padding), sigma per axis in voxels."""
     out = vol
     for axis, s in enumerate(sigmas_vox):
-        if s < 0.3:
+        if s < 0.2:
             continue
-        k = _gaussian_1d(float(s))
+        radius = max(1, int(math.ceil(3.0 * s)))
+        x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        k = torch.exp(-0.5 * (x / float(s)) ** 2)
+        k = k / k.sum()
         shape = [1, 1, 1, 1, 1]
         shape[2 + axis] = k.numel()
         pad = [0, 0, 0, 0, 0, 0]
-        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = k.numel() // 2
+        pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = radius
         out = F.conv3d(F.pad(out, pad), k.view(shape))
     return out
 
@@ -125,7 +133,7 @@ def _moments(mask: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def _candidate_rotations(cov_f: np.ndarray, cov_m: np.ndarray) -> list[np.ndarray]:
-    """Identity plus the proper rotations mapping the fixed principal axes onto the moving ones."""
+    """Identity plus the 4 proper rotations mapping the fixed principal axes onto the moving ones."""
     _, e_f = np.linalg.eigh(cov_f)
     _, e_m = np.linalg.eigh(cov_m)
     rots = [np.eye(3)]
@@ -136,17 +144,72 @@ def _candidate_rotations(cov_f: np.ndarray, cov_m: np.ndarray) -> list[np.ndarra
     return rots
 
 
+def _bspline(values: torch.Tensor, bins: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Cubic B-spline Parzen window of intensities in [0, 1]: first bin (N,), weights and their
+    derivatives with respect to the intensity (N, 4) over bins first..first+3."""
+    scale = bins - 3
+    pos = (values.clamp(0.0, 1.0) * scale + 1.0).clamp(max=bins - 2 - 1e-4)
+    fl = torch.floor(pos)
+    t = pos - fl
+    t2, t3 = t * t, t * t * t
+    u = 1.0 - t
+    w = torch.stack([u * u * u / 6, (3 * t3 - 6 * t2 + 4) / 6, (-3 * t3 + 3 * t2 + 3 * t + 1) / 6, t3 / 6], dim=-1)
+    dw = torch.stack([-u * u / 2, (3 * t2 - 4 * t) / 2, (-3 * t2 + 2 * t + 1) / 2, t2 / 2], dim=-1) * scale
+    return fl.long() - 1, w, dw
+
+
+class _NegMutualInformation(torch.autograd.Function):
+    """-MI (B,) between fixed samples (their bins, (N,)) and moving samples v (B, N).
+
+    Mattes et al.'s estimator: a zero-order (box) Parzen window for the fixed intensities and a
+    cubic B-spline window for the moving ones, so each sample adds to 4 joint-histogram cells.
+    """
+
+    @staticmethod
+    def forward(ctx, v: torch.Tensor, f_bin: torch.Tensor, bins: int) -> torch.Tensor:
+        n = v.shape[1]
+        base = f_bin * bins
+        taps = torch.arange(4)
+        out, grads = [], []
+        for b in range(v.shape[0]):
+            m_first, m_w, m_dw = _bspline(v[b], bins)
+            flat = ((base + m_first)[:, None] + taps).reshape(-1)  # (N*4,)
+            joint = torch.zeros(bins * bins, dtype=v.dtype).index_add_(0, flat, m_w.reshape(-1))
+            joint = joint.view(bins, bins) / n
+            pf = joint.sum(dim=1, keepdim=True)
+            pm = joint.sum(dim=0, keepdim=True)
+            eps = 1e-12
+            ratio = torch.log(joint + eps) - torch.log(pf + eps) - torch.log(pm + eps)
+            out.append(-(joint * ratio).sum())
+            # d(-MI)/dv_n = -(1/N) sum_b dw_b(v_n) ratio[f_n, m_n + b]
+            g = ratio.reshape(-1)[flat].view(n, 4)
+            grads.append((m_dw * g).sum(dim=1) * (-1.0 / n))
+        ctx.save_for_backward(torch.stack(grads))
+        return torch.stack(out)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        (g,) = ctx.saved_tensors
+        return grad_out[:, None] * g, None, None
+
+
+def _fixed_bins(values: torch.Tensor, bins: int) -> torch.Tensor:
+    """Zero-order Parzen bin of fixed intensities in [0, 1], on the moving windows' bin centres."""
+    pos = values.clamp(0.0, 1.0) * (bins - 3) + 1.0
+    return torch.floor(pos + 0.5).long().clamp(0, bins - 1)
+
+
 class _SampleWithGradient(torch.autograd.Function):
     """grid_sample of channel 0 whose backward uses the sampled image gradient (channels 1..3).
 
-    torch's CPU backward of 3-D grid_sample is single-threaded and slow; sampling the precomputed
-    gradient image in the forward pass costs three more channels of a fast, parallel forward.
-    Channels 1..3 hold the gradient with respect to grid_sample's normalised (x, y, z) coordinates.
+    torch's CPU backward of 3-D grid_sample is slow; sampling a precomputed gradient image in the
+    forward pass costs three more channels of a fast, parallel forward. Channels 1..3 hold the
+    gradient with respect to grid_sample's normalised (x, y, z) coordinates.
     """
 
     @staticmethod
     def forward(ctx, vol4: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        out = F.grid_sample(vol4.expand(grid.shape[0], -1, -1, -1, -1), grid, mode="bilinear",
+        out = F.grid_sample(vol4, grid, mode="bilinear",
                             padding_mode="zeros", align_corners=True)
         ctx.save_for_backward(out[:, 1:])
         return out[:, :1]
@@ -157,93 +220,98 @@ class _SampleWithGradient(torch.autograd.Function):
         return None, (grad_out * g).permute(0, 2, 3, 4, 1)
 
 
-class _Sampler:
-    """The fixed image and the world coordinates of its voxels at one level, and the smoothed moving image."""
+def _with_gradient(vol: torch.Tensor) -> torch.Tensor:
+    """(1, 4, X, Y, Z): the volume and its central-difference gradient w.r.t. grid_sample's (x, y, z)."""
+    grads = []
+    for axis in (2, 1, 0):  # grid_sample's x, y, z are the volume's k, j, i
+        d = torch.zeros_like(vol)
+        n = vol.shape[2 + axis]
+        if n > 2:
+            diff = vol.narrow(2 + axis, 2, n - 2) - vol.narrow(2 + axis, 0, n - 2)
+            d.narrow(2 + axis, 1, n - 2).copy_(diff * 0.5)
+        grads.append(d * ((n - 1) / 2.0))
+    return torch.cat([vol] + grads, dim=1).contiguous()
 
-    def __init__(self, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray, moving_affine: np.ndarray,
-                 level: Level):
+
+def _world_to_normalised(affine: np.ndarray, shape: Sequence[int]) -> torch.Tensor:
+    """3x4 matrix: world mm -> grid_sample normalised coordinates (x, y, z = k, j, i) of a volume."""
+    norm = np.diag([2.0 / max(int(n) - 1, 1) for n in shape] + [1.0])
+    norm[:3, 3] = -1.0
+    return torch.as_tensor((norm @ np.linalg.inv(affine))[[2, 1, 0]], dtype=torch.float32)
+
+
+class _Level:
+    """Sample points (fixed world), fixed intensities there, and the smoothed moving image of a level."""
+
+    def __init__(self, fixed: np.ndarray, fixed_affine: np.ndarray, moving: np.ndarray,
+                 moving_affine: np.ndarray, level: Level, generator: torch.Generator):
         f_zoom = _zooms(fixed_affine)
+        ft = _smooth(torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[None, None],
+                     [level.sigma_mm / z for z in f_zoom])
         stride = [max(1, int(round(level.spacing_mm / z))) for z in f_zoom]
-        sig_f = [math.sqrt(max(level.sigma_mm**2 - (0.5 * z) ** 2 * 0, 0.0)) / z for z in f_zoom]
-        ft = _smooth(torch.from_numpy(np.ascontiguousarray(fixed, dtype=np.float32))[None, None], sig_f)
-        off = [(s - 1) // 2 for s in stride]
-        ft = ft[:, :, off[0]::stride[0], off[1]::stride[1], off[2]::stride[2]]
-        self.fixed = ft.reshape(1, -1)
-        fc = self.fixed - self.fixed.mean()
-        self.fixed_c = fc
-        self.fixed_norm = fc.pow(2).sum().sqrt()
-        shape = ft.shape[2:]
-        axes = [torch.arange(n, dtype=torch.float64) * s + o for n, s, o in zip(shape, stride, off)]
-        a = torch.as_tensor(fixed_affine, dtype=torch.float64)
-        # World coordinates of the level's voxels as three broadcastable per-axis terms.
-        self.axis_terms = [(a[:3, d].view(3, 1) * axes[d].view(1, -1)).float() for d in range(3)]
-        self.origin = a[:3, 3].float()
-        self.shape = tuple(int(n) for n in shape)
+        counts = [max(1, int(n) // s) for n, s in zip(fixed.shape, stride)]
+        axes = [torch.arange(c, dtype=torch.float32) * s + (s - 1) / 2.0 for c, s in zip(counts, stride)]
+        ijk = torch.stack(torch.meshgrid(*axes, indexing="ij"), dim=-1).reshape(-1, 3)
+        if level.fraction < 1.0:
+            keep = torch.randperm(ijk.shape[0], generator=generator)[: int(round(level.fraction * ijk.shape[0]))]
+            ijk = ijk[torch.sort(keep).values]
+        jitter = (torch.rand(ijk.shape, generator=generator) - 0.5) * torch.tensor(stride, dtype=torch.float32)
+        hi = torch.tensor(fixed.shape, dtype=torch.float32) - 1
+        ijk = torch.minimum(torch.maximum(ijk + jitter, torch.zeros(3)), hi)
+        # fixed intensities at the points
+        norm = ijk / hi.clamp_min(1) * 2 - 1
+        fvals = F.grid_sample(ft, norm[:, [2, 1, 0]].view(1, 1, 1, -1, 3), mode="bilinear",
+                              padding_mode="border", align_corners=True).reshape(-1)
+        self.f_bin = _fixed_bins(fvals, BINS)
+        a = torch.as_tensor(fixed_affine, dtype=torch.float32)
+        self.points = ijk @ a[:3, :3].T + a[:3, 3]  # (N, 3) fixed world mm
 
         m_zoom = _zooms(moving_affine)
-        sig_m = [level.sigma_mm / z for z in m_zoom]
-        mt = _smooth(torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None], sig_m)
-        self.m_shape = mt.shape[2:]
-        # Image gradient (central differences) with respect to grid_sample's (x, y, z) = (k, j, i).
-        grads = []
-        for axis in (2, 1, 0):
-            d = torch.zeros_like(mt)
-            n = mt.shape[2 + axis]
-            if n > 2:
-                hi = mt.narrow(2 + axis, 2, n - 2)
-                lo = mt.narrow(2 + axis, 0, n - 2)
-                d.narrow(2 + axis, 1, n - 2).copy_((hi - lo) * 0.5)
-            grads.append(d * ((n - 1) / 2.0))
-        self.moving4 = torch.cat([mt] + grads, dim=1).contiguous()
-        inv = np.linalg.inv(moving_affine)
-        # moving world -> grid_sample normalised coordinates (k, j, i order)
-        norm = np.diag([2.0 / max(n - 1, 1) for n in self.m_shape] + [1.0])
-        norm[:3, 3] = -1.0
-        w2n = (norm @ inv)[[2, 1, 0, 3]][:3]
-        self.w2n = torch.as_tensor(w2n, dtype=torch.float32)
-
-    def grid(self, lin: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
-        """Sampling grid (B, X, Y, Z, 3) for fixed-world -> moving-world maps x -> lin x + trans."""
-        m = torch.einsum("ab,nbc->nac", self.w2n[:, :3], lin)  # (B,3,3): fixed world -> normalised
-        b = torch.einsum("ab,nb->na", self.w2n[:, :3], trans) + self.w2n[:, 3]
-        b = b + torch.einsum("nab,b->na", m, self.origin)
-        X, Y, Z = self.shape
-        tx = torch.einsum("nab,bx->nxa", m, self.axis_terms[0]).view(-1, X, 1, 1, 3)
-        ty = torch.einsum("nab,by->nya", m, self.axis_terms[1]).view(-1, 1, Y, 1, 3)
-        tz = torch.einsum("nab,bz->nza", m, self.axis_terms[2]).view(-1, 1, 1, Z, 3)
-        return tx + ty + tz + b.view(-1, 1, 1, 1, 3)
+        mt = _smooth(torch.from_numpy(np.ascontiguousarray(moving, dtype=np.float32))[None, None],
+                     [level.sigma_mm / z for z in m_zoom])
+        # Keep the smoothed moving image at about half the level's spacing: sampling a small
+        # volume is much faster (cache), and the smoothing has removed the finer detail.
+        m_stride = [max(1, int(math.floor(0.5 * level.spacing_mm / z + 1e-6))) for z in m_zoom]
+        mt = mt[:, :, :: m_stride[0], :: m_stride[1], :: m_stride[2]]
+        m_affine = np.asarray(moving_affine, dtype=np.float64) @ np.diag([*m_stride, 1.0])
+        self.moving4 = _with_gradient(mt)
+        self.w2n = _world_to_normalised(m_affine, mt.shape[2:])
 
     def loss(self, lin: torch.Tensor, trans: torch.Tensor) -> torch.Tensor:
-        """1 - NCC per batch element (B,)."""
-        g = self.grid(lin, trans)
-        w = _SampleWithGradient.apply(self.moving4, g).reshape(g.shape[0], -1)
-        wc = w - w.mean(dim=1, keepdim=True)
-        ncc = (wc * self.fixed_c).sum(dim=1) / (wc.pow(2).sum(dim=1).sqrt() * self.fixed_norm + 1e-8)
-        return 1.0 - ncc
+        """-MI (B,) for the fixed-world -> moving-world maps x -> lin x + trans (lin (B,3,3), trans (B,3))."""
+        m = torch.einsum("ab,nbc->nac", self.w2n[:, :3], lin)
+        b = torch.einsum("ab,nb->na", self.w2n[:, :3], trans) + self.w2n[:, 3]
+        grid = torch.einsum("nac,pc->npa", m, self.points) + b[:, None, :]  # (B, N, 3)
+        # One batch of B*N points: a batch of B would copy the moving volume B times.
+        v = _SampleWithGradient.apply(self.moving4, grid.reshape(1, 1, 1, -1, 3))  # (1, 1, 1, 1, B*N)
+        return _NegMutualInformation.apply(v.reshape(lin.shape[0], -1), self.f_bin, BINS)
 
 
 def _transform(params: torch.Tensor, a0: torch.Tensor, c_f: torch.Tensor, c_m: torch.Tensor):
-    """Linear part and translation (fixed world -> moving world) of params (B, 12)."""
-    t = params[:, :3]
-    l = params[:, 3:].view(-1, 3, 3) / RADIUS_MM
-    lin = a0 @ (torch.eye(3) + l)
-    trans = c_m + t - torch.einsum("nab,b->na", lin, c_f)
+    """Linear part (B,3,3) and translation (B,3), fixed world -> moving world, of params (B, 12)."""
+    lin = a0 @ (torch.eye(3) + params[:, 3:].view(-1, 3, 3) / RADIUS_MM)
+    trans = c_m + params[:, :3] - torch.einsum("nab,b->na", lin, c_f)
     return lin, trans
 
 
-def _optimise(sampler: _Sampler, params: torch.Tensor, a0: torch.Tensor, c_f, c_m, iterations: int, lr: float):
-    params = params.clone().requires_grad_(True)
-    opt = torch.optim.Adam([params], lr=lr)
-    for _ in range(iterations):
-        opt.zero_grad(set_to_none=True)
-        lin, trans = _transform(params, a0, c_f, c_m)
-        loss = sampler.loss(lin, trans)
-        loss.sum().backward()
-        opt.step()
+def _optimise(level: _Level, params: torch.Tensor, a0: torch.Tensor, c_f: torch.Tensor, c_m: torch.Tensor,
+              iterations: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam on params (B, 12), written out: torch.optim's first use imports torch._dynamo (~2 s)."""
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    params = params.clone()
+    m1 = torch.zeros_like(params)
+    m2 = torch.zeros_like(params)
+    for it in range(1, iterations + 1):
+        p = params.clone().requires_grad_(True)
+        level.loss(*_transform(p, a0, c_f, c_m)).sum().backward()
+        g = p.grad
+        m1.mul_(beta1).add_(g, alpha=1 - beta1)
+        m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        step = (m1 / (1 - beta1**it)) / ((m2 / (1 - beta2**it)).sqrt() + eps)
+        params = params - lr * step
     with torch.no_grad():
-        lin, trans = _transform(params, a0, c_f, c_m)
-        final = sampler.loss(lin, trans)
-    return params.detach(), final
+        final = level.loss(*_transform(params, a0, c_f, c_m))
+    return params, final
 
 
 def fit_affine(
@@ -259,6 +327,7 @@ def fit_affine(
     `moving` is a brain-extracted T1 (zero outside the brain) with voxel-to-world `moving_affine`,
     any orientation and voxel size; `fixed` is the normalised reference brain on `fixed_grid`.
     ``space.resample(moving, moving_affine, fixed_grid, world=T)`` then puts the moving image on the grid.
+    `threads` sets torch's thread count for the call (restored afterwards).
     """
     moving = np.asarray(moving, dtype=np.float32)
     fixed = np.asarray(fixed, dtype=np.float32)
@@ -269,29 +338,29 @@ def fit_affine(
     f_aff = np.asarray(fixed_grid.affine, dtype=np.float64)
     m_aff = np.asarray(moving_affine, dtype=np.float64)
 
-    with _torch_threads(threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+    with _torch_threads(threads), torch.no_grad():
         mov = _normalise(moving)
         fix = _normalise(fixed)
-        finest = float(min(LEVELS[-1].spacing_mm, _zooms(f_aff).min()))
-        mov, m_aff_r = _reduce(mov, m_aff, finest)
+        mov, m_aff = _reduce(mov, m_aff, float(LEVELS[-1].spacing_mm))
 
         c_f, cov_f, vol_f = _moments(fix > 0, f_aff)
-        c_m, cov_m, vol_m = _moments(mov > 0, m_aff_r)
+        c_m, cov_m, vol_m = _moments(mov > 0, m_aff)
         scale = (vol_m / vol_f) ** (1.0 / 3.0)
         rots = _candidate_rotations(cov_f, cov_m)
-
         c_f_t = torch.as_tensor(c_f, dtype=torch.float32)
         c_m_t = torch.as_tensor(c_m, dtype=torch.float32)
         a0s = torch.as_tensor(np.stack([scale * r for r in rots]), dtype=torch.float32)
 
-        samplers = [_Sampler(fix, f_aff, mov, m_aff_r, lv) for lv in LEVELS]
-        params = torch.zeros(len(rots), 12)
-        params, losses = _optimise(samplers[0], params, a0s, c_f_t, c_m_t, CANDIDATE_ITERATIONS, LEVELS[0].lr)
+        generator = torch.Generator().manual_seed(SEED)
+        levels = [_Level(fix, f_aff, mov, m_aff, lv, generator) for lv in LEVELS]
+
+    with _torch_threads(threads), torch.enable_grad():
+        params, losses = _optimise(levels[0], torch.zeros(len(rots), 12), a0s, c_f_t, c_m_t,
+                                   CANDIDATE_ITERATIONS, LEVELS[0].lr)
         best = int(torch.argmin(losses))
         params, a0 = params[best : best + 1], a0s[best : best + 1]
-        for lv, sampler in zip(LEVELS, samplers):
-            params, _ = _optimise(sampler, params, a0, c_f_t, c_m_t, lv.iterations, lv.lr)
+        for lv, level in zip(LEVELS, levels):
+            params, _ = _optimise(level, params, a0, c_f_t, c_m_t, lv.iterations, lv.lr)
         lin, trans = _transform(params, a0, c_f_t, c_m_t)
 
     out = np.eye(4)

@@ -68,7 +68,7 @@ def train(
     lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
     image_loss: str = typer.Option("mse", help="Image similarity: mse or ncc."),
     w_image: float = typer.Option(1.0, help="Weight: subject vs warped template."),
-    w_image_inverse: float = typer.Option(0.5, help="Weight: template vs subject warped to template."),
+    w_image_inverse: float = typer.Option(0.0, help="Weight: template vs subject warped to template."),
     w_seg: float = typer.Option(1.0, help="Weight: soft Dice of warped template labels."),
     w_smooth: float = typer.Option(0.05, help="Weight: gradient L2 of the displacement."),
     w_centrality: float = typer.Option(0.1, help="Weight: kernel-weighted mean displacement."),

@@ -149,13 +149,13 @@ def _is_cached(path: Path, key: str) -> bool:
         return False
 
 
-def _prepare_to_cache(subject: Subject, reference: np.ndarray, path: Path, key: str) -> str | None:
+def _prepare_to_cache(subject: Subject, reference: np.ndarray, path: Path, key: str, grid: Grid) -> str | None:
     """Worker: prepare one subject and write its cache file atomically; returns an error or None."""
     import torch
 
     torch.set_num_threads(1)
     try:
-        arrays = prepare_subject(subject, reference)
+        arrays = prepare_subject(subject, reference, grid)
         tmp = path.with_name(f".{path.stem}.{os.getpid()}.part.npz")
         np.savez(tmp, key=np.array(key), **arrays)
         os.replace(tmp, path)
@@ -167,7 +167,8 @@ def _prepare_to_cache(subject: Subject, reference: np.ndarray, path: Path, key: 
 
 
 def prepare_cohort(
-    subjects: list[Subject], cache_dir: Path, reference: np.ndarray, workers: int = 2, quiet: bool = False
+    subjects: list[Subject], cache_dir: Path, reference: np.ndarray, workers: int = 2, quiet: bool = False,
+    grid: Grid = MODEL_GRID,
 ) -> list[Path]:
     """Bring every subject into model space (in parallel, resuming from cached files); returns cache paths."""
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -178,7 +179,7 @@ def prepare_cohort(
         with progress_bar(quiet) as bar, ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
             task = bar.add_task(f"preparing {len(todo)} subjects", total=len(todo))
             futures = [
-                pool.submit(_prepare_to_cache, s, reference, cache_file(cache_dir, s), keys[s.id]) for s in todo
+                pool.submit(_prepare_to_cache, s, reference, cache_file(cache_dir, s), keys[s.id], grid) for s in todo
             ]
             for fut in as_completed(futures):
                 err = fut.result()
@@ -192,7 +193,7 @@ def prepare_cohort(
     return [cache_file(cache_dir, s) for s in subjects]
 
 
-def load_prepared(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def load_prepared(paths: list[Path], grid: Grid = MODEL_GRID) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Stack cached subjects: t1 (N,X,Y,Z) float32, labels (N,X,Y,Z) uint8 (zeros if absent), has-labels (N,)."""
     t1s, labs, has = [], [], []
     for p in paths:
@@ -201,5 +202,5 @@ def load_prepared(paths: list[Path]) -> tuple[np.ndarray, np.ndarray, np.ndarray
             has.append("labels" in z.files)
             labs.append(z["labels"] if has[-1] else np.zeros(t1s[-1].shape, np.uint8))
     if not paths:
-        return np.zeros((0, *MODEL_GRID.shape), np.float32), np.zeros((0, *MODEL_GRID.shape), np.uint8), np.zeros(0, bool)
+        return np.zeros((0, *grid.shape), np.float32), np.zeros((0, *grid.shape), np.uint8), np.zeros(0, bool)
     return np.stack(t1s), np.stack(labs), np.array(has)

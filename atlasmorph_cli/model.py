@@ -35,8 +35,8 @@ class ModelConfig:
     grid: dict
     attributes: list[dict]
     template_width: int = 32
-    reg_enc: list[int] = field(default_factory=lambda: [16, 32, 32, 32])
-    reg_dec: list[int] = field(default_factory=lambda: [32, 32, 32])
+    reg_enc: list[int] = field(default_factory=lambda: [0, 32, 32, 32])
+    reg_dec: list[int] = field(default_factory=lambda: [32, 32, 16])
     int_steps: int = 7
     n_classes: int = N_CLASSES
     labels: list[list] = field(default_factory=lambda: [[s.fs_id, s.name] for s in STRUCTURES])

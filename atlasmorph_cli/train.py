@@ -32,7 +32,7 @@ from .model import AtlasMorph, ModelConfig, load_model, save_model
 from .nn import losses
 from .nn.layers import warp
 from .progress import progress_bar
-from .space import MODEL_GRID
+from .space import MODEL_GRID, Grid
 
 
 @dataclass
@@ -40,7 +40,7 @@ class LossWeights:
     """Weights of the loss terms (recorded in every checkpoint and model file)."""
 
     image: float = 1.0  # subject vs warped template (MSE or NCC)
-    image_inverse: float = 0.5  # template vs subject warped into template space
+    image_inverse: float = 0.0  # template vs subject warped into template space (costs a full-res warp)
     seg: float = 1.0  # soft Dice: subject labels vs warped template label map
     smooth: float = 0.05  # gradient L2 of the half-resolution displacement
     centrality: float = 0.1  # kernel-weighted mean displacement toward zero
@@ -75,6 +75,7 @@ class TrainSettings:
     template_width: int = 32
     name: str = "atlasmorph-custom"
     quiet: bool = False
+    grid: Grid = MODEL_GRID  # tests use a smaller grid; shipped models use MODEL_GRID
 
 
 def split_subjects(subjects: list[Subject], fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
@@ -124,15 +125,15 @@ class TrainingStep(torch.nn.Module):
         self.bandwidth = settings.bandwidth
 
     def forward(self, x, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
-        t1_t, logits = self.model.template(attrs)
-        reg = self.model.register(x, t1_t)
+        t1_t, logits_half = self.model.template_net.forward_train(attrs)
+        reg = self.model.register(x, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
         if self.w.image_inverse:
             terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
         if has_labels.any():
-            probs = warp(torch.softmax(logits, dim=1), reg["fwd"])
             sel = has_labels.nonzero().flatten()
-            terms["seg"] = losses.soft_dice(probs[sel], one_hot(labels[sel]))
+            probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
+            terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)
@@ -225,7 +226,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
 
     cache = s.cache or (s.out / "cache")
     if rank == 0:
-        prepare_cohort(subjects, cache, reference, workers=s.workers, quiet=s.quiet)
+        prepare_cohort(subjects, cache, reference, workers=s.workers, quiet=s.quiet, grid=s.grid)
     if world > 1:
         dist.barrier()
     paths = {x.id: cache / f"{x.id}.npz" for x in subjects}
@@ -239,7 +240,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     val_labelled = [x for x in val_subj if x.seg is not None][: s.val_max]
     va_t1, va_lab, _, va_attr = stack(val_labelled) if val_labelled else (None, None, None, None)
 
-    settings_json = json.dumps({k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(s).items()})
+    settings_json = json.dumps({k: v for k, v in asdict(s).items() if k != "grid"}, default=str)
     if rank == 0:
         with atomic_path(s.out / "split.json") as tmp:
             tmp.write_text(json.dumps({"train": [x.id for x in train_subj], "validation": [x.id for x in val_subj],
@@ -247,7 +248,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
                                        "seed": s.seed, "val_fraction": s.val_fraction}, indent=1))
 
     config = init_model.config if init_model else ModelConfig(
-        name=s.name, grid=MODEL_GRID.to_dict(), attributes=encoder.to_dict(), template_width=s.template_width)
+        name=s.name, grid=s.grid.to_dict(), attributes=encoder.to_dict(), template_width=s.template_width)
     config.loss_weights = asdict(s.weights)
     config.training = {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "image_loss": s.image_loss,
                        "seed": s.seed, "n_train": len(train_subj), "n_val": len(val_subj),
@@ -265,7 +266,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     optimizer = torch.optim.Adam(model.parameters(), lr=s.lr)
     gen = torch.Generator().manual_seed(s.seed + rank)
     my_idx = torch.arange(len(train_subj))[rank::world]
-    low_shape = [d // 4 for d in MODEL_GRID.shape]
+    low_shape = [d // 4 for d in s.grid.shape]
     memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape), "attrs": tr_attr.clone(),
               "filled": torch.zeros(len(train_subj), dtype=torch.bool)}
     ckpt = s.out / "checkpoint.safetensors"

@@ -1,7 +1,14 @@
-"""Time full AtlasMorph training steps on random data (batch 1) and report s/step and peak RSS."""
+"""Time full AtlasMorph training steps on random data (batch 1): seconds per step and peak RSS.
+
+A step: template forward, RegNet forward, integrate (+ and -), warp template T1 and the 35-class
+softmax into the subject frame, MSE + soft Dice + gradient L2 + centrality, backward, Adam step.
+The "other" column is the share of the machine's CPUs used by OTHER processes during the step (from
+/proc/stat): timings with other > ~0.1 are inflated by contention, not by this code.
+"""
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import statistics
 import sys
@@ -19,7 +26,7 @@ from atlasmorph_cli.nn.networks import RegNet, TemplateNet, n_params, velocity_t
 
 def parse_args() -> argparse.Namespace:
     """Command-line options."""
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
@@ -28,7 +35,20 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--attrs", type=int, default=3)
     p.add_argument("--subjects", type=int, default=150)
     p.add_argument("--int-steps", type=int, default=7)
+    p.add_argument("--enc", type=int, nargs=4, default=None, help="RegNet encoder widths (default: RegNet's)")
+    p.add_argument("--dec", type=int, nargs=3, default=None, help="RegNet decoder widths (default: RegNet's)")
+    p.add_argument("--no-fused-adam", action="store_true", help="use the foreach Adam instead of fused=True")
     return p.parse_args()
+
+
+def busy_cpu_seconds() -> float:
+    """CPU-seconds the whole machine has spent busy (Linux /proc/stat; nan elsewhere)."""
+    try:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
 def make_data(shape: tuple[int, int, int], n_classes: int, n_attrs: int, gen: torch.Generator):
@@ -46,21 +66,23 @@ def main() -> None:
     torch.manual_seed(0)
     shape = tuple(args.shape)
     tnet = TemplateNet(n_attrs=args.attrs, shape=shape, n_classes=args.classes)
-    reg = RegNet(int_steps=args.int_steps)
+    reg_kw = {k: tuple(v) for k, v in (("enc", args.enc), ("dec", args.dec)) if v is not None}
+    reg = RegNet(int_steps=args.int_steps, **reg_kw)
     quarter = tuple(s // 4 for s in shape)
     memory = CentralityMemory(args.subjects, quarter, args.attrs)
     gen = torch.Generator().manual_seed(0)
     for i in range(args.subjects):  # a full memory, as late in training
         memory.update(torch.tensor([i]), 0.1 * torch.randn(1, 3, *quarter, generator=gen), torch.randn(1, args.attrs, generator=gen))
-    opt = torch.optim.Adam(list(tnet.parameters()) + list(reg.parameters()), lr=1e-4)
+    params = list(tnet.parameters()) + list(reg.parameters())
+    opt = torch.optim.Adam(params, lr=1e-4, fused=not args.no_fused_adam)
     data = [make_data(shape, args.classes, args.attrs, gen) for _ in range(2)]
+    n_cpu = os.cpu_count() or 1
 
-    times = []
+    times, others, cpus = [], [], []
     for step in range(args.warmup + args.steps):
         t1, onehot, attrs = data[step % 2]
-        t0 = time.perf_counter()
-        out = tnet(attrs)
-        tmpl_t1, logits = TemplateNet.split(out)
+        busy0, cpu0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
+        tmpl_t1, logits = TemplateNet.split(tnet(attrs))
         vel = reg(t1, tmpl_t1)
         fwd, _inv, fwd_half = velocity_to_displacements(vel, args.int_steps)
         moved_t1 = warp(tmpl_t1, fwd)
@@ -78,14 +100,23 @@ def main() -> None:
         opt.step()
         memory.update(idx, low, attrs)
         dt = time.perf_counter() - t0
+        other = (busy_cpu_seconds() - busy0 - (time.process_time() - cpu0)) / (n_cpu * dt)
+        cpu = time.process_time() - cpu0
         if step >= args.warmup:
             times.append(dt)
-        print(f"step {step}: {dt:.3f} s loss {loss.item():.4f}", flush=True)
+            others.append(other)
+            cpus.append(cpu)
+        print(f"step {step}: {dt:.3f} s  cpu {cpu:.2f} s  other {other:.2f}  loss {loss.item():.4f}", flush=True)
 
+    clean = [t for t, o in zip(times, others) if o < 0.1]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"grid {shape}, classes {args.classes}, threads {torch.get_num_threads()}")
+    print(f"grid {shape}, classes {args.classes}, threads {torch.get_num_threads()}, RegNet enc/dec {reg_kw or 'default'}")
     print(f"params: TemplateNet {n_params(tnet):,} (base {tnet.base.numel():,}), RegNet {n_params(reg):,}")
     print(f"mean {statistics.mean(times):.3f} s/step, median {statistics.median(times):.3f} s/step over {len(times)} steps")
+    if clean:
+        print(f"uncontended steps (other < 0.1): {len(clean)}, median {statistics.median(clean):.3f} s/step")
+    print(f"process CPU time: median {statistics.median(cpus):.3f} CPU-s/step")
+    print(f"mean CPU share of other processes during steps: {statistics.mean(others):.2f}")
     print(f"peak RSS {rss_mb:.0f} MB")
 
 

@@ -43,7 +43,24 @@ def sample_at(
         b = max(vol.shape[0], coords.shape[0])
         vol, coords = vol.expand(b, *vol.shape[1:]), coords.expand(b, *coords.shape[1:])
     grid = _normalised_grid(coords.to(vol.dtype), vol.shape[2:])
-    return F.grid_sample(vol, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=True)
+    b, x_out = grid.shape[0], grid.shape[1]
+    slabs = _n_slabs(b, x_out, vol.device)
+    if slabs == 1:
+        return F.grid_sample(vol, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=True)
+    # CPU grid_sample for 3-D parallelises over the batch only: cut the output into X' slabs as a batch.
+    grid = grid.reshape(b * slabs, x_out // slabs, *grid.shape[2:])
+    vol = vol.unsqueeze(1).expand(b, slabs, *vol.shape[1:]).reshape(b * slabs, *vol.shape[1:])
+    out = F.grid_sample(vol, grid, mode=_MODES[mode], padding_mode=padding_mode, align_corners=True)
+    out = out.view(b, slabs, *out.shape[1:]).transpose(1, 2)
+    return out.reshape(b, out.shape[1], x_out, *out.shape[4:])
+
+
+def _n_slabs(batch: int, x_out: int, device: torch.device) -> int:
+    """How many output slabs to sample in parallel: enough to use every CPU thread when the batch is small."""
+    if device.type != "cpu" or batch >= torch.get_num_threads():
+        return 1
+    want = max(1, torch.get_num_threads() // batch)
+    return next(k for k in range(want, 0, -1) if x_out % k == 0)
 
 
 def warp(

@@ -22,11 +22,11 @@ def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
 
 
 def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Local mean over a window^3 box per channel (zero padded, same size), for local statistics."""
-    return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=True)
+    """Local mean over a window^3 box per channel (same size; border boxes average their in-volume voxels)."""
+    return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
 
 
-def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-5) -> torch.Tensor:
+def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-8) -> torch.Tensor:
     """Negative mean local (squared) normalised cross-correlation over window^3 boxes; -1 is a perfect match.
 
     As in VoxelMorph, each voxel scores cov^2 / (var_a var_b + eps), so any positive or negative

@@ -15,20 +15,18 @@ def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
-def upsample2(x: torch.Tensor, mode: str = "trilinear") -> torch.Tensor:
-    """Upsample a feature volume by 2 along each spatial axis."""
-    if mode == "nearest":
-        return F.interpolate(x, scale_factor=2, mode="nearest")
-    return F.interpolate(x, scale_factor=2, mode=mode, align_corners=False)
+def upsample2(x: torch.Tensor) -> torch.Tensor:
+    """Trilinearly upsample a volume x2 per axis (voxel-extent convention, as resize_field)."""
+    return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
 
 
 class TemplateNet(nn.Module):
     """Conditional template: a learned base (population average) plus an attribute-driven residual.
 
     Output channel 0 is T1 intensity (0..1 scale), channels 1.. are label logits. The residual branch
-    maps attributes -> MLP -> a (X/16, Y/16, Z/16) feature volume -> 3 x (upsample, conv) to half
-    resolution -> a zero-initialised conv -> trilinear upsample to full resolution, so training starts
-    from the base template exactly.
+    maps attributes -> MLP -> a (X/16, Y/16, Z/16) feature volume -> 3 x (upsample, 3x3x3 conv) to half
+    resolution -> a zero-initialised 1x1x1 conv -> trilinear upsample to full resolution, so training
+    starts from the base template exactly.
     """
 
     def __init__(self, n_attrs: int, shape: Sequence[int], n_classes: int = 35, width: int = 32):
@@ -44,7 +42,7 @@ class TemplateNet(nn.Module):
             self.mlp = nn.Sequential(nn.Linear(self.n_attrs, 64), nn.ELU(), nn.Linear(64, n_low), nn.ELU())
             chans = (self.width, self.width, self.width, self.width // 2)
             self.decoder = nn.ModuleList(conv_block(chans[i], chans[i + 1]) for i in range(3))
-            self.head = nn.Conv3d(chans[-1], 1 + self.n_classes, 3, padding=1)
+            self.head = nn.Conv3d(chans[-1], 1 + self.n_classes, 1)  # 1x1x1: a cheap per-voxel read-out
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
@@ -56,18 +54,35 @@ class TemplateNet(nn.Module):
         self.base[0, 0] = mean_t1.to(self.base)
         self.base[0, 1:] = torch.log(p)
 
-    def residual(self, attrs: torch.Tensor) -> torch.Tensor:
-        """Attribute-dependent residual (B, 1 + n_classes, X, Y, Z)."""
-        x = self.mlp(attrs).view(attrs.shape[0], self.width, *self.low)
+    def residual_half(self, attrs: torch.Tensor) -> torch.Tensor:
+        """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2)."""
+        x = self.mlp(attrs.to(self.base.dtype)).view(attrs.shape[0], self.width, *self.low)
         for block in self.decoder:
             x = block(upsample2(x))
-        return upsample2(self.head(x))
+        return self.head(x)
+
+    def residual(self, attrs: torch.Tensor) -> torch.Tensor:
+        """Attribute-dependent residual (B, 1 + n_classes, X, Y, Z)."""
+        return upsample2(self.residual_half(attrs))
+
+    def forward_train(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training outputs: full-resolution T1 (B,1,X,Y,Z) and HALF-resolution label logits (B,C,X/2,Y/2,Z/2).
+
+        The label terms are scored at half resolution (the base averaged 2x2x2 plus the half-resolution
+        residual), which keeps a CPU training step affordable; `forward` gives the full-resolution map.
+        """
+        b = attrs.shape[0]
+        t1, logits = self.base[:, :1], F.avg_pool3d(self.base[:, 1:], 2)
+        if self.n_attrs == 0:
+            return t1.expand(b, *t1.shape[1:]), logits.expand(b, *logits.shape[1:])
+        r = self.residual_half(attrs)
+        return t1 + upsample2(r[:, :1]), logits + r[:, 1:]
 
     def forward(self, attrs: torch.Tensor) -> torch.Tensor:
         """Template(s) for attributes (B, n_attrs) -> raw output (B, 1 + n_classes, X, Y, Z)."""
         if self.n_attrs == 0:
             return self.base.expand(attrs.shape[0], *self.base.shape[1:])
-        return self.base + self.residual(attrs.to(self.base.dtype))
+        return self.base + self.residual(attrs)
 
     @staticmethod
     def split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -91,24 +106,27 @@ def velocity_to_displacements(
 class RegNet(nn.Module):
     """Lean U-Net: (subject, template T1) -> stationary velocity field at half resolution (voxels of that grid).
 
-    Encoder: full-resolution conv enc[0], then stride-2 convs to 1/2 (enc[1]), 1/4 (enc[2]), 1/8 (enc[3]).
+    Encoder: a full-resolution conv enc[0] (enc[0] = 0 leaves it out: the stride-2 conv then reads the
+    input directly), then stride-2 convs to 1/2 (enc[1]), 1/4 (enc[2]) and 1/8 (enc[3]).
     Decoder: conv dec[0] at 1/8, then (upsample, concat skip, conv) to 1/4 (dec[1]) and 1/2 (dec[2]),
-    and a near-zero-initialised 3-channel velocity conv.
+    and a near-zero-initialised 3-channel velocity conv. The defaults are the CPU-lean choice: a
+    full-resolution conv (enc[0] = 16) costs about as much as the rest of the network on 2 cores.
     """
 
     def __init__(
         self,
         in_channels: int = 2,
-        enc: Sequence[int] = (16, 32, 32, 32),
-        dec: Sequence[int] = (32, 32, 32),
+        enc: Sequence[int] = (0, 32, 32, 32),
+        dec: Sequence[int] = (32, 32, 16),
         int_steps: int = 7,
     ):
         super().__init__()
         if len(enc) != 4 or len(dec) != 3:
             raise ValueError("RegNet needs 4 encoder and 3 decoder widths")
         self.int_steps = int(int_steps)
-        self.enc0 = conv_block(in_channels, enc[0])
-        self.down = nn.ModuleList(conv_block(enc[i], enc[i + 1], stride=2) for i in range(3))
+        self.enc0 = conv_block(in_channels, enc[0]) if enc[0] > 0 else nn.Identity()
+        widths = (enc[0] if enc[0] > 0 else in_channels, *enc[1:])
+        self.down = nn.ModuleList(conv_block(widths[i], widths[i + 1], stride=2) for i in range(3))
         self.dec = nn.ModuleList(
             [conv_block(enc[3], dec[0]), conv_block(dec[0] + enc[2], dec[1]), conv_block(dec[1] + enc[1], dec[2])]
         )
@@ -120,8 +138,7 @@ class RegNet(nn.Module):
         """(B,1,X,Y,Z) subject and template T1 -> velocity (B, 3, X/2, Y/2, Z/2)."""
         if template_t1.shape[0] != subject.shape[0]:
             template_t1 = template_t1.expand(subject.shape[0], *template_t1.shape[1:])
-        e0 = self.enc0(torch.cat([subject, template_t1], dim=1))
-        e1 = self.down[0](e0)
+        e1 = self.down[0](self.enc0(torch.cat([subject, template_t1], dim=1)))
         e2 = self.down[1](e1)
         x = self.dec[0](self.down[2](e2))
         for block, skip in ((self.dec[1], e2), (self.dec[2], e1)):

@@ -1,0 +1,118 @@
+"""Known-answer tests of the spatial layers (warping, integration, composition, resizing, Jacobians)."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from atlasmorph_cli.nn.layers import (
+    compose,
+    identity_grid,
+    integrate_velocity,
+    jacobian_determinant,
+    resize_field,
+    sample_at,
+    warp,
+)
+
+
+def smooth_field(shape, amplitude: float, seed: int = 0) -> torch.Tensor:
+    """A smooth random (1, 3, *shape) field: low-res noise upsampled trilinearly."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(1, 3, 4, 4, 4, generator=g)
+    field = F.interpolate(low, size=shape, mode="trilinear", align_corners=True)
+    return amplitude * field / field.abs().amax()
+
+
+def test_identity_grid_indexes_voxels():
+    g = identity_grid((3, 4, 5))
+    assert g.shape == (3, 3, 4, 5)
+    assert g[0, 2, 1, 3] == 2 and g[1, 2, 1, 3] == 1 and g[2, 2, 1, 3] == 3
+
+
+def test_zero_velocity_is_identity():
+    vol = torch.rand(2, 4, 8, 10, 12)
+    vel = torch.zeros(2, 3, 8, 10, 12)
+    disp = integrate_velocity(vel, 7)
+    assert torch.count_nonzero(disp) == 0
+    torch.testing.assert_close(warp(vol, disp), vol, atol=1e-5, rtol=0)
+
+
+def test_integer_shift_moves_label_cube_exactly():
+    lab = torch.zeros(1, 1, 12, 12, 12)
+    lab[:, :, 2:5, 3:6, 4:7] = 7.0
+    disp = torch.zeros(1, 3, 12, 12, 12)
+    disp[:, 0], disp[:, 1], disp[:, 2] = -2.0, 1.0, -3.0  # out(x) = lab(x + d)
+    out = warp(lab, disp, mode="nearest", padding_mode="zeros")
+    expected = torch.zeros_like(lab)
+    expected[:, :, 4:7, 2:5, 7:10] = 7.0
+    assert torch.equal(out, expected)
+
+
+def test_sample_at_channels_and_batch_broadcast():
+    vol = torch.arange(2 * 4 * 5 * 6, dtype=torch.float32).view(1, 2, 4, 5, 6)
+    coords = torch.tensor([1.0, 2.0, 3.0]).view(1, 3, 1, 1, 1).expand(3, 3, 1, 1, 1)
+    out = sample_at(vol, coords)
+    assert out.shape == (3, 2, 1, 1, 1)
+    assert torch.allclose(out[:, :, 0, 0, 0], vol[0, :, 1, 2, 3].expand(3, 2))
+    mid = sample_at(vol, torch.tensor([1.5, 2.0, 3.0]).view(1, 3, 1, 1, 1))
+    assert torch.allclose(mid[0, :, 0, 0, 0], 0.5 * (vol[0, :, 1, 2, 3] + vol[0, :, 2, 2, 3]))
+
+
+def test_integrate_then_compose_inverse_is_near_zero():
+    shape = (24, 24, 24)
+    vel = smooth_field(shape, 2.0)
+    fwd, inv = integrate_velocity(vel, 7), integrate_velocity(-vel, 7)
+    inner = (slice(None), slice(None), slice(4, -4), slice(4, -4), slice(4, -4))
+    assert fwd.abs().max() > 1.0
+    for err in (compose(fwd, inv)[inner].abs(), compose(inv, fwd)[inner].abs()):
+        assert err.mean() < 0.01 and err.max() < 0.15  # trilinear interpolation error only
+
+
+def test_compose_order_and_sequential_warps():
+    shape = (16, 16, 16)
+    x0 = identity_grid(shape)[0]
+    a = torch.zeros(1, 3, *shape)
+    a[:, 0] = 0.1 * x0  # a(x) = 0.1 x_i
+    b = torch.zeros(1, 3, *shape)
+    b[:, 0] = 2.0  # b(x) = 2 along i
+    inner = (slice(None), 0, slice(2, 10))
+    torch.testing.assert_close(compose(a, b)[inner], (2.0 + 0.1 * (x0 + 2.0)).unsqueeze(0)[:, 2:10])
+    vol = smooth_field(shape, 1.0, seed=3)
+    seq, one = warp(warp(vol, a), b), warp(vol, compose(a, b))
+    assert (seq - one)[:, :, 2:10].abs().max() < 1e-2
+
+
+def test_resize_field_doubles_vectors():
+    disp = torch.ones(1, 3, 5, 6, 7) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1, 1)
+    up = resize_field(disp, 2.0)
+    assert up.shape == (1, 3, 10, 12, 14)
+    torch.testing.assert_close(up, 2.0 * torch.ones_like(up) * torch.tensor([1.0, -2.0, 0.5]).view(1, 3, 1, 1, 1))
+    torch.testing.assert_close(resize_field(up, shape=(5, 6, 7)), disp)
+    assert resize_field(disp, (10, 6, 7))[0, :, 0, 0, 0].tolist() == [2.0, -2.0, 0.5]
+
+
+def test_resize_field_keeps_the_map_consistent():
+    """A linear map x -> 1.1 x stays x -> 1.1 x (voxel-extent convention) after resizing x2."""
+    half = (8, 8, 8)
+    centre = identity_grid(half) + 0.5  # voxel-extent coordinates
+    disp = (0.1 * (centre - 4.0)).unsqueeze(0)
+    up = resize_field(disp, 2.0)
+    centre_full = identity_grid((16, 16, 16)) + 0.5
+    inner = (slice(None), slice(1, -1), slice(1, -1), slice(1, -1))  # the outer half voxel is clamped
+    torch.testing.assert_close(up[0][inner], (0.1 * (centre_full - 8.0))[inner], atol=1e-5, rtol=0)
+
+
+def test_jacobian_of_identity_and_scaling():
+    shape = (6, 7, 8)
+    assert torch.allclose(jacobian_determinant(torch.zeros(2, 3, *shape)), torch.ones(2, *shape))
+    scale = (0.1 * identity_grid(shape)).unsqueeze(0)
+    torch.testing.assert_close(jacobian_determinant(scale), torch.full((1, *shape), 1.331), atol=1e-5, rtol=0)
+
+
+def test_jacobian_of_integrated_velocity_is_positive():
+    vel = smooth_field((20, 20, 20), 3.0, seed=4)
+    jac = jacobian_determinant(integrate_velocity(vel, 7))
+    assert jac.min() > 0
+    assert math.isclose(jac.mean().item(), 1.0, abs_tol=0.1)
