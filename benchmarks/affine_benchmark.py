@@ -23,6 +23,10 @@ from pathlib import Path
 
 THREADS = 2
 os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", str(THREADS))
+# OpenMP worker threads that spin while idle make torch 10-20x slower whenever another process
+# keeps a core busy (measured on a shared 2-core machine); sleeping workers cost next to nothing.
+# Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -160,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "python benchmarks/affine_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "threads": THREADS,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+        "load_average_at_end": list(os.getloadavg()),
         "levels": [dataclasses.asdict(lv) for lv in LEVELS],
         "n_subjects": len(rows),
         "structures": names,

@@ -1,7 +1,9 @@
 """Time full AtlasMorph training steps on random data (batch 1): seconds per step and peak RSS.
 
 A step: template forward, RegNet forward, integrate (+ and -), warp template T1 and the 35-class
-softmax into the subject frame, MSE + soft Dice + gradient L2 + centrality, backward, Adam step.
+softmax into the subject frame, MSE + soft Dice + gradient L2 + centrality, backward, Adam step
+(fused). The label term uses warped_soft_dice (exactly soft_dice of the warped softmax, computed
+sparsely); --full-warp-dice warps all 35 channels instead.
 The "other" column is the share of the machine's CPUs used by OTHER processes during the step (from
 /proc/stat): timings with other > ~0.1 are inflated by contention, not by this code.
 """
@@ -20,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from atlasmorph_cli.nn.layers import resize_field, warp  # noqa: E402
-from atlasmorph_cli.nn.losses import CentralityMemory, gradient_l2, mse, soft_dice  # noqa: E402
+from atlasmorph_cli.nn.losses import CentralityMemory, gradient_l2, mse, soft_dice, warped_soft_dice  # noqa: E402
 from atlasmorph_cli.nn.networks import RegNet, TemplateNet, n_params, velocity_to_displacements  # noqa: E402
 
 
@@ -38,6 +40,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--enc", type=int, nargs=4, default=None, help="RegNet encoder widths (default: RegNet's)")
     p.add_argument("--dec", type=int, nargs=3, default=None, help="RegNet decoder widths (default: RegNet's)")
     p.add_argument("--no-fused-adam", action="store_true", help="use the foreach Adam instead of fused=True")
+    p.add_argument("--full-warp-dice", action="store_true", help="warp all class channels, then soft_dice (slow)")
     return p.parse_args()
 
 
@@ -52,11 +55,11 @@ def busy_cpu_seconds() -> float:
 
 
 def make_data(shape: tuple[int, int, int], n_classes: int, n_attrs: int, gen: torch.Generator):
-    """One random subject: T1, one-hot labels, attributes."""
+    """One random subject: T1, labels (and their one-hot), attributes."""
     t1 = torch.rand(1, 1, *shape, generator=gen)
     lab = torch.randint(0, n_classes, (1, *shape), generator=gen)
     onehot = torch.nn.functional.one_hot(lab, n_classes).permute(0, 4, 1, 2, 3).float()
-    return t1, onehot, torch.randn(1, n_attrs, generator=gen)
+    return t1, lab, onehot, torch.randn(1, n_attrs, generator=gen)
 
 
 def main() -> None:
@@ -80,18 +83,22 @@ def main() -> None:
 
     times, others, cpus = [], [], []
     for step in range(args.warmup + args.steps):
-        t1, onehot, attrs = data[step % 2]
+        t1, labels, onehot, attrs = data[step % 2]
         busy0, cpu0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
         tmpl_t1, logits = TemplateNet.split(tnet(attrs))
         vel = reg(t1, tmpl_t1)
         fwd, _inv, fwd_half = velocity_to_displacements(vel, args.int_steps)
         moved_t1 = warp(tmpl_t1, fwd)
-        moved_probs = warp(torch.softmax(logits, dim=1), fwd)
+        probs = torch.softmax(logits, dim=1)
+        if args.full_warp_dice:
+            dice = soft_dice(warp(probs, fwd), onehot)
+        else:  # same value and gradient, without building the warped 35-channel volume
+            dice = warped_soft_dice(probs, fwd, labels)
         low = resize_field(fwd_half, 0.5)
         idx = torch.tensor([step % args.subjects])
         loss = (
             mse(moved_t1, t1)
-            + soft_dice(moved_probs, onehot)
+            + dice
             + 0.01 * gradient_l2(vel)
             + memory.loss(low, attrs, idx, bandwidth=1.0)
         )
@@ -110,7 +117,8 @@ def main() -> None:
 
     clean = [t for t, o in zip(times, others) if o < 0.1]
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"grid {shape}, classes {args.classes}, threads {torch.get_num_threads()}, RegNet enc/dec {reg_kw or 'default'}")
+    dice_kind = "full warp + soft_dice" if args.full_warp_dice else "warped_soft_dice"
+    print(f"grid {shape}, classes {args.classes}, threads {torch.get_num_threads()}, RegNet enc/dec {reg_kw or 'default'}, {dice_kind}")
     print(f"params: TemplateNet {n_params(tnet):,} (base {tnet.base.numel():,}), RegNet {n_params(reg):,}")
     print(f"mean {statistics.mean(times):.3f} s/step, median {statistics.median(times):.3f} s/step over {len(times)} steps")
     if clean:

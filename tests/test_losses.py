@@ -4,7 +4,9 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
+from atlasmorph_cli.nn.layers import warp
 from atlasmorph_cli.nn.losses import (
     CentralityMemory,
     RunningMean,
@@ -15,6 +17,7 @@ from atlasmorph_cli.nn.losses import (
     mse,
     running_mean_step,
     soft_dice,
+    warped_soft_dice,
 )
 
 
@@ -116,3 +119,19 @@ def test_running_mean_ramps_in_and_tracks_mean():
     rm.eval()
     rm(torch.zeros_like(disp))
     assert rm.count.item() == 6
+
+
+def test_warped_soft_dice_equals_full_warp():
+    g = torch.Generator().manual_seed(0)
+    shape, n_classes = (10, 12, 9), 5
+    probs = torch.softmax(3 * torch.randn(2, n_classes, *shape, generator=g), 1).requires_grad_()
+    low = torch.randn(2, 3, 3, 3, 3, generator=g)
+    disp = (3.0 * F.interpolate(low, size=shape, mode="trilinear", align_corners=True)).requires_grad_()
+    labels = torch.randint(0, n_classes, (2, *shape), generator=g)
+    onehot = F.one_hot(labels, n_classes).permute(0, 4, 1, 2, 3).float()
+    for exclude in (True, False):
+        full = soft_dice(warp(probs, disp), onehot, exclude)
+        fast = warped_soft_dice(probs, disp, labels, exclude)
+        torch.testing.assert_close(fast, full)
+        for gf, gs in zip(torch.autograd.grad(full, (probs, disp)), torch.autograd.grad(fast, (probs, disp))):
+            torch.testing.assert_close(gs, gf, atol=1e-6, rtol=1e-4)

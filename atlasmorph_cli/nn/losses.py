@@ -5,11 +5,14 @@ Each loss is a pure function returning a scalar tensor (lower is better). The tw
 """
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .layers import identity_grid
 
 
 def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -55,6 +58,87 @@ def soft_dice(
     inter = (probs * onehot).sum(dims)
     total = probs.sum(dims) + onehot.sum(dims)
     return 1.0 - ((2.0 * inter + eps) / (total + eps)).mean()
+
+
+def _trilinear_corners(disp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat voxel indices (B, 8, V) and weights (B, 8, V) of the trilinear corners sampled at x + disp(x).
+
+    Border padding as warp(): coordinates are clamped into the volume (no gradient outside it).
+    """
+    shape = disp.shape[2:]
+    coords = identity_grid(shape, disp.device, disp.dtype).unsqueeze(0) + disp
+    axes = []
+    for a, n in enumerate(shape):
+        c = coords[:, a].clamp(0, n - 1).flatten(1)
+        i0 = c.detach().floor()
+        axes.append((i0.long(), (i0 + 1).clamp(max=n - 1).long(), c - i0))
+    strides = (shape[1] * shape[2], shape[2], 1)
+    idx, wts = [], []
+    for bits in itertools.product((0, 1), repeat=3):
+        i, w = 0, 1.0
+        for (i0, i1, f), bit, st in zip(axes, bits, strides):
+            i = i + (i1 if bit else i0) * st
+            w = w * (f if bit else 1.0 - f)
+        idx.append(i)
+        wts.append(w)
+    return torch.stack(idx, 1), torch.stack(wts, 1)
+
+
+class _GatherAndMass(torch.autograd.Function):
+    """(probs (B, C, V), idx (B, K), rho (B, V)) -> (probs.flat[idx] (B, K), sum_v probs * rho (B, C)).
+
+    Hand-written backward: the dense gradient for probs is written once and the sparse part added in
+    place, instead of autograd's zero-fill + scatter + add of two full C x V tensors.
+    """
+
+    @staticmethod
+    def forward(ctx, probs: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor):
+        ctx.save_for_backward(probs, idx, rho)
+        b = probs.shape[0]
+        return probs.reshape(b, -1).gather(1, idx), torch.einsum("bcv,bv->bc", probs, rho)
+
+    @staticmethod
+    def backward(ctx, g_gathered: torch.Tensor, g_mass: torch.Tensor):
+        probs, idx, rho = ctx.saved_tensors
+        grad_probs = grad_rho = None
+        if ctx.needs_input_grad[0]:
+            grad_probs = g_mass[:, :, None] * rho[:, None, :]
+            grad_probs.view(probs.shape[0], -1).scatter_add_(1, idx, g_gathered)
+        if ctx.needs_input_grad[2]:
+            grad_rho = torch.einsum("bc,bcv->bv", g_mass, probs)
+        return grad_probs, None, grad_rho
+
+
+def warped_soft_dice(
+    probs: torch.Tensor,
+    disp: torch.Tensor,
+    labels: torch.Tensor,
+    exclude_background: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """soft_dice(warp(probs, disp), one_hot(labels)) computed without building the warped C-channel volume.
+
+    probs (B, C, X, Y, Z) in the template frame, disp (B, 3, X, Y, Z) the pull-back field of warp(),
+    labels (B, X, Y, Z) integer classes of the subject. Per voxel only the subject's own class is
+    sampled (8 gathers), and sum_x warp(p_c)(x) = sum_y p_c(y) rho(y) with rho the trilinear weights
+    splatted onto the template grid; identical to the full warp (bilinear, border padding) up to rounding
+    but several times cheaper for 35 classes on a CPU.
+    """
+    b, c = probs.shape[:2]
+    nvox = probs[0, 0].numel()
+    if disp.shape[0] != b:
+        disp = disp.expand(b, *disp.shape[1:])
+    lab = labels.reshape(b, nvox).long()
+    idx, w = _trilinear_corners(disp)  # (B, 8, V) each
+    rho = torch.zeros(b, nvox, dtype=w.dtype, device=w.device).scatter_add(1, idx.flatten(1), w.flatten(1))
+    flat_idx = (lab.unsqueeze(1) * nvox + idx).flatten(1)
+    gathered, mass = _GatherAndMass.apply(probs.reshape(b, c, nvox), flat_idx, rho)
+    picked = (w * gathered.view(b, 8, nvox)).sum(1)  # warp(p_{label(x)})(x)
+    zeros = torch.zeros(b, c, dtype=probs.dtype, device=probs.device)
+    inter = zeros.scatter_add(1, lab, picked)
+    count = zeros.scatter_add(1, lab, torch.ones_like(picked))
+    dice = (2.0 * inter + eps) / (mass + count + eps)
+    return 1.0 - (dice[:, 1:] if exclude_background else dice).mean()
 
 
 def gradient_l2(field: torch.Tensor) -> torch.Tensor:

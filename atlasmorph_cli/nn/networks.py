@@ -86,8 +86,9 @@ class TemplateNet(nn.Module):
 
     @staticmethod
     def split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw output -> (t1 (B, 1, ...), label logits (B, n_classes, ...))."""
-        return out[:, :1], out[:, 1:]
+        """Raw output -> (t1 (B, 1, ...), label logits (B, n_classes, ...)); one split, so one cheap backward."""
+        t1, logits = out.split([1, out.shape[1] - 1], dim=1)
+        return t1, logits
 
 
 def velocity_to_displacements(

@@ -1,0 +1,116 @@
+"""template / register / segment on a real IXI subject, with a model whose template is the MNI152 atlas.
+
+The registration network is untrained (its velocity head starts at ~0), so these tests check the
+geometry end to end: affine fit, one-interpolation resampling into native space, headers, label ids,
+warp files that nitransforms reads and applies to the same result as the tool.
+"""
+from __future__ import annotations
+
+import csv
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from atlasmorph_cli.attributes import AttributeEncoder
+from atlasmorph_cli.cli import app
+from atlasmorph_cli.labels import FS_IDS, to_index
+from atlasmorph_cli.metrics import mean_dice
+from atlasmorph_cli.model import AtlasMorph, ModelConfig, save_model
+from atlasmorph_cli.space import MODEL_GRID
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exit_code == 0, (r.output, r.exception)
+    return r
+
+
+def test_template_outputs(tmp_path, mni_model):
+    invoke("template", "--age", 70, "--sex", "F", "-o", tmp_path / "t.nii.gz", "--labels", tmp_path / "l.nii.gz",
+           "--probs", tmp_path / "p.nii.gz", "--model", mni_model)
+    t, lab, p = (nib.load(str(tmp_path / n)) for n in ("t.nii.gz", "l.nii.gz", "p.nii.gz"))
+    for img in (t, lab, p):
+        np.testing.assert_allclose(img.affine, MODEL_GRID.affine)
+        assert int(img.header["sform_code"]) == 4
+    assert t.shape == MODEL_GRID.shape and p.shape == (*MODEL_GRID.shape, 35)
+    assert set(np.unique(np.asarray(lab.dataobj))) <= {0, *FS_IDS} and len(np.unique(np.asarray(lab.dataobj))) > 30
+    np.testing.assert_allclose(np.asarray(p.dataobj).sum(-1), 1.0, atol=1e-4)
+
+
+def test_template_trajectory_and_montage(tmp_path, mni_model):
+    invoke("template", "--age", "30:70:20", "--sex", "M", "-o", tmp_path / "traj.nii.gz", "--png",
+           tmp_path / "m.png", "--model", mni_model)
+    assert sorted(p.name for p in tmp_path.glob("traj_age-*.nii.gz")) == [
+        "traj_age-30.nii.gz", "traj_age-50.nii.gz", "traj_age-70.nii.gz"]
+    assert (tmp_path / "m.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_register_outputs_live_in_the_right_spaces(tmp_path, mni_model, subject):
+    path, truth, row = subject
+    invoke("register", path, "--age", row["age"], "--sex", row["sex"], "--model", mni_model,
+           "-o", tmp_path / "moved.nii.gz", "-O", tmp_path / "tmpl_native.nii.gz", "--labels",
+           tmp_path / "lab.nii.gz", "-t", tmp_path / "fwd.nii.gz", "-T", tmp_path / "inv.nii.gz",
+           "--jacobian", tmp_path / "jac.nii.gz", "--affine", tmp_path / "aff.txt")
+    src = nib.load(str(path))
+    for name in ("tmpl_native.nii.gz", "lab.nii.gz", "inv.nii.gz"):
+        img = nib.load(str(tmp_path / name))
+        assert img.shape[:3] == src.shape and nib.aff2axcodes(img.affine) == ("P", "S", "R")
+        np.testing.assert_allclose(img.affine, src.affine, atol=1e-4)
+    for name in ("moved.nii.gz", "fwd.nii.gz", "jac.nii.gz"):
+        np.testing.assert_allclose(nib.load(str(tmp_path / name)).affine, MODEL_GRID.affine)
+    fwd = nib.load(str(tmp_path / "fwd.nii.gz"))
+    assert fwd.shape == (*MODEL_GRID.shape, 1, 3) and fwd.header.get_intent()[0] == "vector" or \
+        int(fwd.header["intent_code"]) == 1006
+    lab = to_index(np.asarray(nib.load(str(tmp_path / "lab.nii.gz")).dataobj), "freesurfer")
+    assert mean_dice(lab, truth) > 0.5  # affine-only (untrained RegNet) atlas labels on the subject
+    assert (tmp_path / "aff.txt").read_text().startswith("#Insight Transform File V1.0")
+
+
+@pytest.mark.parametrize("fmt", ["fs", "itk"])
+def test_warp_files_applied_by_nitransforms_match_the_tool(tmp_path, mni_model, subject, fmt):
+    from nitransforms.io.itk import ITKDisplacementsField
+    from nitransforms.nonlinear import DenseFieldTransform
+    from nitransforms.resampling import apply
+
+    path, _, row = subject
+    invoke("register", path, "--age", row["age"], "--sex", row["sex"], "--model", mni_model, "-o",
+           tmp_path / "moved.nii.gz", "-t", tmp_path / "w.nii.gz", "--warp-format", fmt)
+    w = nib.load(str(tmp_path / "w.nii.gz"))
+    if fmt == "itk":
+        assert int(w.header["intent_code"]) == 1007
+        field = ITKDisplacementsField.from_filename(str(tmp_path / "w.nii.gz"))
+    else:
+        assert int(w.header["intent_code"]) == 1006
+        field = nib.Nifti1Image(np.asarray(w.dataobj)[:, :, :, 0, :], w.affine)
+    xfm = DenseFieldTransform(field, is_deltas=True, reference=field)
+    theirs = np.asarray(apply(xfm, str(path), reference=field, order=1).dataobj)
+    ours = np.asarray(nib.load(str(tmp_path / "moved.nii.gz")).dataobj)
+    brain = ours > 0.05 * ours.max()
+    assert np.corrcoef(ours[brain], theirs[brain])[0, 1] > 0.99
+    assert np.median(np.abs(ours[brain] - theirs[brain])) < 0.02 * ours.max()
+
+
+def test_segment_and_volumes(tmp_path, mni_model, subject):
+    path, truth, row = subject
+    invoke("segment", path, "--age", row["age"], "--sex", row["sex"], "--model", mni_model, "-o",
+           tmp_path / "seg.nii.gz", "--vol", tmp_path / "vol.csv", "--probs", tmp_path / "p.nii.gz")
+    seg = nib.load(str(tmp_path / "seg.nii.gz"))
+    np.testing.assert_allclose(seg.affine, nib.load(str(path)).affine, atol=1e-4)
+    assert mean_dice(to_index(np.asarray(seg.dataobj), "freesurfer"), truth) > 0.5
+    rows = list(csv.DictReader(open(tmp_path / "vol.csv")))
+    assert len(rows) == 1 and 800e3 < float(rows[0]["total_brain"]) < 2000e3
+    assert float(rows[0]["Left-Hippocampus"]) > 1000
+    assert nib.load(str(tmp_path / "p.nii.gz")).shape == (*nib.load(str(path)).shape, 35)
+
+
+def test_outputs_only_when_asked(tmp_path, mni_model, subject):
+    path, _, row = subject
+    r = runner.invoke(app, ["register", str(path), "--model", str(mni_model)])
+    assert r.exit_code != 0
+    assert list(tmp_path.iterdir()) == []
