@@ -186,22 +186,69 @@ def segment(
     run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn)
 
 
+def _one_line(text: str) -> str:
+    """Messages are one line on stderr, whatever the exception text holds."""
+    return " ".join(str(text).split())
+
+
+def _fail(prefix: str, message: str, code: int) -> None:
+    err.print(Text.assemble((prefix, "bold red"), _one_line(message)), soft_wrap=True)
+    sys.exit(code)
+
+
+def _click_errors() -> tuple[tuple, tuple, tuple, tuple]:
+    """(no-args-help, usage, other click, abort) exception classes: Typer >= 0.20 vendors Click as
+    typer._click, older Typer uses click itself; catch both."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(__import__(name, fromlist=["x"]))
+        except ImportError:
+            pass
+
+    def get(attr: str) -> tuple:
+        return tuple(getattr(m, attr) for m in mods if hasattr(m, attr))
+
+    return get("NoArgsIsHelpError"), get("UsageError"), get("ClickException"), get("Abort")
+
+
 def main() -> None:
-    """Console entry point: run the app, turning errors into one line on stderr and exit code 1."""
+    """Console entry point: run the app, turning errors into one line on stderr and a non-zero exit.
+
+    Exit codes: 0 success, 1 bad input or failure, 2 bad command line (unknown option, bad option
+    value, missing argument), 130 interrupted. `--debug` prints the traceback before the line.
+    """
+    no_args, usage, click_error, abort = _click_errors()
     debug = "--debug" in sys.argv
     try:
-        app()
+        code = app(standalone_mode=False)
+    except no_args as exc:  # `atlasmorph` alone: the help, as Click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except usage as exc:
+        if debug:
+            traceback.print_exc()
+        ctx = getattr(exc, "ctx", None)
+        cmd = ctx.command_path.split()[-1] if ctx is not None and ctx.parent is not None else ""
+        where = f"{cmd}: " if cmd else ""
+        _fail("atlasmorph: error: ", f"{where}{exc.format_message()} (see atlasmorph {cmd + ' ' if cmd else ''}--help)",
+              exc.exit_code)
+    except click_error as exc:
+        if debug:
+            traceback.print_exc()
+        _fail("atlasmorph: error: ", exc.format_message(), exc.exit_code)
     except AtlasMorphError as exc:
         if debug:
             traceback.print_exc()
-        err.print(Text.assemble(("atlasmorph: error: ", "bold red"), str(exc)), soft_wrap=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
+        _fail("atlasmorph: error: ", str(exc), 1)
+    except (KeyboardInterrupt, *abort):
         err.print("atlasmorph: interrupted", highlight=False)
         sys.exit(130)
     except Exception as exc:  # anything unexpected: still one line unless --debug
         if debug:
             traceback.print_exc()
-        msg = f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)"
-        err.print(Text.assemble(("atlasmorph: internal error: ", "bold red"), msg), soft_wrap=True)
-        sys.exit(1)
+        _fail("atlasmorph: internal error: ", f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+    if code == 130:  # Typer turns Ctrl-C into Exit(130)
+        err.print("atlasmorph: interrupted", highlight=False)
+    if isinstance(code, int) and code != 0:  # typer.Exit(code) from a command
+        sys.exit(code)

@@ -50,6 +50,17 @@ def test_soft_dice_perfect_and_disjoint():
     assert abs(soft_dice(lab, lab, exclude_background=False).item()) < 1e-6
 
 
+def test_soft_dice_ignores_classes_absent_from_the_target():
+    lab = torch.zeros(1, 4, 4, 4, 4)
+    lab[:, 0, :2], lab[:, 1, 2:] = 1, 1  # classes 2 and 3 absent
+    probs = lab.clone()
+    probs[:, 1, 2:] = 0.5  # half of class 1's mass leaks to absent class 3
+    probs[:, 3, 2:] = 0.5
+    # only class 1 counts: inter 0.5*32, mass 0.5*32, count 32 -> Dice 2/3
+    torch.testing.assert_close(soft_dice(probs, lab), torch.tensor(1 - 2 / 3), atol=1e-5, rtol=0)
+    assert soft_dice(lab[:, :1], lab[:, :1]).item() == 0.0  # background only: nothing to score
+
+
 def test_gradient_and_magnitude_l2():
     const = torch.ones(1, 3, 5, 5, 5) * 3.0
     assert gradient_l2(const) == 0

@@ -47,17 +47,28 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e
 def soft_dice(
     probs: torch.Tensor, onehot: torch.Tensor, exclude_background: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
-    """1 - mean soft Dice over classes (and batch) of probs vs onehot, both (B, C, X, Y, Z).
+    """1 - mean soft Dice of probs vs onehot, both (B, C, X, Y, Z), over the (item, class) pairs present in onehot.
 
-    A class absent from both scores a perfect 1 (eps in numerator and denominator) so it is not
-    penalised; channel 0 (background) is skipped when `exclude_background`.
+    Classes absent from a subject's labels are left out of the mean (as in the Dice one reports), so a
+    cohort labelling only some structures is not dominated by the absent ones; their probability mass
+    still counts against the present classes through the denominators. Channel 0 (background) is
+    skipped when `exclude_background`.
     """
     if exclude_background:
         probs, onehot = probs[:, 1:], onehot[:, 1:]
     dims = tuple(range(2, probs.dim()))
     inter = (probs * onehot).sum(dims)
-    total = probs.sum(dims) + onehot.sum(dims)
-    return 1.0 - ((2.0 * inter + eps) / (total + eps)).mean()
+    count = onehot.sum(dims)
+    return _present_dice_loss(inter, probs.sum(dims), count, eps)
+
+
+def _present_dice_loss(inter: torch.Tensor, mass: torch.Tensor, count: torch.Tensor, eps: float) -> torch.Tensor:
+    """1 - mean over (B, C) entries with count > 0 of 2 inter / (mass + count); 0 when no class is present."""
+    present = count > 0
+    if not present.any():
+        return mass.sum() * 0.0
+    dice = (2.0 * inter + eps) / (mass + count + eps)
+    return 1.0 - dice[present].mean()
 
 
 def _trilinear_corners(disp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,8 +148,9 @@ def warped_soft_dice(
     zeros = torch.zeros(b, c, dtype=probs.dtype, device=probs.device)
     inter = zeros.scatter_add(1, lab, picked)
     count = zeros.scatter_add(1, lab, torch.ones_like(picked))
-    dice = (2.0 * inter + eps) / (mass + count + eps)
-    return 1.0 - (dice[:, 1:] if exclude_background else dice).mean()
+    if exclude_background:
+        inter, mass, count = inter[:, 1:], mass[:, 1:], count[:, 1:]
+    return _present_dice_loss(inter, mass, count, eps)
 
 
 def gradient_l2(field: torch.Tensor) -> torch.Tensor:
