@@ -23,6 +23,7 @@ from rich.text import Text
 from . import __version__
 from .commands import attribute_values
 from .errors import AtlasMorphError
+from .loss_weights import LossWeights
 
 err = Console(stderr=True)
 app = typer.Typer(
@@ -58,6 +59,21 @@ def _root(
     """AtlasMorph command line."""
 
 
+OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a folder, .txt list or cohort .csv): "
+                         "output folder; files get BIDS-derivatives names (see docs/scaling.md).")
+
+
+def _batch(image: Path, out_dir: Path | None, outputs: str | None) -> bool:
+    """Whether IMAGE is a batch (folder, .txt, .csv); batch-only options with a single image are an error."""
+    from .batch import is_batch_input
+
+    if is_batch_input(image):
+        return True
+    if out_dir is not None or outputs is not None:
+        raise AtlasMorphError("--out-dir and --outputs are for a batch input (a folder, a .txt list or a cohort .csv)")
+    return False
+
+
 def _warn(messages: list[str]) -> None:
     for m in messages:
         err.print(Text.assemble(("warning: ", "yellow"), m), soft_wrap=True)
@@ -73,12 +89,12 @@ def train(
     batch_size: int = typer.Option(1, min=1, help="Subjects per step."),
     lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
     image_loss: str = typer.Option("mse", help="Image similarity: mse or ncc."),
-    w_image: float = typer.Option(1.0, help="Weight: subject vs warped template."),
-    w_image_inverse: float = typer.Option(0.0, help="Weight: template vs subject warped to template."),
-    w_seg: float = typer.Option(1.0, help="Weight: soft Dice of warped template labels."),
-    w_smooth: float = typer.Option(0.05, help="Weight: gradient L2 of the displacement."),
-    w_centrality: float = typer.Option(0.1, help="Weight: kernel-weighted mean displacement."),
-    w_magnitude: float = typer.Option(0.001, help="Weight: mean squared displacement."),
+    w_image: float = typer.Option(LossWeights.image, help="Weight: subject vs warped template (MSE: 1/sigma^2 with sigma 0.1; use ~1 with ncc)."),
+    w_image_inverse: float = typer.Option(LossWeights.image_inverse, help="Weight: template vs subject warped to template."),
+    w_seg: float = typer.Option(LossWeights.seg, help="Weight: soft Dice of warped template labels."),
+    w_smooth: float = typer.Option(LossWeights.smooth, help="Weight: gradient L2 of the displacement."),
+    w_centrality: float = typer.Option(LossWeights.centrality, help="Weight: kernel-weighted mean displacement."),
+    w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
     val_every: int = typer.Option(100, min=1, help="Validate every N steps."),
@@ -96,7 +112,7 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a conditional template + registration model on a cohort."""
-    from .train import LossWeights, TrainSettings, train as run_train
+    from .train import TrainSettings, train as run_train
     from .commands import training_reference
 
     if not data.is_file():
@@ -143,7 +159,8 @@ def template(
 # ----------------------------------------------------------------------------------------- register
 @app.command()
 def register(
-    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation."),
+    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation; "
+                                 "or a batch: a folder of images, a .txt list or a cohort .csv."),
     age: Optional[float] = AgeOpt,
     sex: Optional[str] = SexOpt,
     attr: Optional[list[str]] = AttrOpt,
@@ -158,10 +175,21 @@ def register(
     warp_format: str = typer.Option("fs", "--warp-format", help="fs (RAS mm, intent 1006) or itk (LPS, 1007)."),
     model: Optional[Path] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
+    out_dir: Optional[Path] = OutDirOpt,
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
+                                          "template, warp, inverse, affine, labels, jacobian (default moved,warp,labels)."),
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
     from .commands import run_register
 
+    if _batch(image, out_dir, outputs):
+        from .batch import check_single_only, run_batch
+
+        check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
+                           "--labels": labels, "--jacobian": jacobian, "--mask": mask})
+        run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
+                  model_path=model, threads=threads, warn=_warn)
+        return
     run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
                  labels, jacobian, warp_format, model, threads, _warn)
 
@@ -169,20 +197,36 @@ def register(
 # ----------------------------------------------------------------------------------------- segment
 @app.command()
 def segment(
-    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation."),
-    output: Path = typer.Option(..., "-o", "--output", help="Segmentation (34 structures, FreeSurfer ids)."),
+    ctx: typer.Context,
+    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation; "
+                                 "or a batch: a folder of images, a .txt list or a cohort .csv."),
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Segmentation (34 structures, FreeSurfer "
+                                          "ids); required for a single image."),
     age: Optional[float] = AgeOpt,
     sex: Optional[str] = SexOpt,
     attr: Optional[list[str]] = AttrOpt,
     mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask on the image's grid."),
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
-    vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3."),
+    vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
+                                       "row per subject, default OUT_DIR/volumes.csv)."),
     model: Optional[Path] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
+    out_dir: Optional[Path] = OutDirOpt,
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg "
+                                          "(default dseg)."),
 ) -> None:
     """Segment a subject with the label map of its conditional template (subject's own grid)."""
     from .commands import run_segment
 
+    if _batch(image, out_dir, outputs):
+        from .batch import check_single_only, run_batch
+
+        check_single_only({"-o": output, "--probs": probs, "--mask": mask})
+        run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
+                  threads=threads, warn=_warn)
+        return
+    if output is None:
+        ctx.fail("Missing option '-o' / '--output'.")
     run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn)
 
 
@@ -241,6 +285,11 @@ def main() -> None:
         if debug:
             traceback.print_exc()
         _fail("atlasmorph: error: ", str(exc), 1)
+    except OSError as exc:  # disk full, permission denied, file vanished: the environment, not a bug
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _fail("atlasmorph: error: ", f"{where}{exc.strerror or exc}", 1)
     except (KeyboardInterrupt, *abort):
         err.print("atlasmorph: interrupted", highlight=False)
         sys.exit(130)

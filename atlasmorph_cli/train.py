@@ -24,28 +24,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .attributes import AttributeEncoder
-from .cohort import Subject, load_prepared, prepare_cohort, read_cohort
+from .cohort import Subject, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from .errors import AtlasMorphError
-from .io import atomic_path
+from .io import atomic_path, canonical_safetensors
 from .labels import N_CLASSES
+from .loss_weights import LossWeights
 from .metrics import dice_per_structure
 from .model import AtlasMorph, ModelConfig, load_model, save_model
 from .nn import losses
 from .nn.layers import warp
 from .progress import progress_bar
 from .space import MODEL_GRID, Grid
-
-
-@dataclass
-class LossWeights:
-    """Weights of the loss terms (recorded in every checkpoint and model file)."""
-
-    image: float = 1.0  # subject vs warped template (MSE or NCC)
-    image_inverse: float = 0.0  # template vs subject warped into template space (costs a full-res warp)
-    seg: float = 1.0  # soft Dice: subject labels vs warped template label map
-    smooth: float = 0.05  # gradient L2 of the half-resolution displacement
-    centrality: float = 0.1  # kernel-weighted mean displacement toward zero
-    magnitude: float = 0.001  # plain mean squared displacement
 
 
 @dataclass
@@ -95,7 +84,8 @@ def usable_subjects(subjects: list[Subject], names: list[str]) -> tuple[list[Sub
     if subjects and names:
         missing = [n for n in names if n not in subjects[0].attrs]
         if missing:
-            raise AtlasMorphError(f"the cohort has no column {', '.join(repr(m) for m in missing)}")
+            raise AtlasMorphError(f"the cohort has no column {', '.join(repr(m) for m in missing)} (its attribute "
+                                  f"columns: {', '.join(subjects[0].attrs) or 'none'}; choose with --attributes)")
     ok = [s for s in subjects if all(s.attrs.get(n, "") != "" for n in names)]
     return ok, [s for s in subjects if s not in ok]
 
@@ -163,10 +153,24 @@ def save_checkpoint(path: Path, model, optimizer, gen: torch.Generator, step: in
             "config": json.dumps(asdict(model.config)), "opt_groups": json.dumps(opt["param_groups"])}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        canonical_safetensors(tmp)
 
 
 def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator, memory: dict) -> tuple[int, list[dict]]:
-    """Restore what save_checkpoint wrote; returns (step, history)."""
+    """Restore what save_checkpoint wrote; returns (step, history). A damaged checkpoint, or one written
+    with other settings (attributes, network width, cohort), is an error, not a silent fresh start."""
+    try:
+        return _load_checkpoint(path, model, optimizer, gen, memory)
+    except AtlasMorphError:
+        raise
+    except Exception as exc:
+        raise AtlasMorphError(
+            f"--resume: cannot continue from {path}: it is damaged or was written with other settings "
+            f"(attributes, network, cohort) ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+        ) from exc
+
+
+def _load_checkpoint(path: Path, model, optimizer, gen: torch.Generator, memory: dict) -> tuple[int, list[dict]]:
     with safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
         keys = list(f.keys())
@@ -216,12 +220,15 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     subjects = read_cohort(s.data)
+    if s.resume and not (s.out / "checkpoint.safetensors").is_file():  # before hours of preparation
+        raise AtlasMorphError(f"--resume: no checkpoint at {s.out / 'checkpoint.safetensors'}")
     s.out.mkdir(parents=True, exist_ok=True)
     init_model = load_model(s.init) if s.init else None
     names = init_model.config.encoder.names if init_model else s.attributes
     subjects, dropped = usable_subjects(subjects, names)
     if not subjects:
         raise AtlasMorphError("no subject has all of the attributes " + ", ".join(names))
+    check_attribute_values(subjects, names)
     train_subj, val_subj = split_subjects(subjects, s.val_fraction, s.seed)
     encoder = init_model.config.encoder if init_model else AttributeEncoder.fit(names, [x.attrs for x in train_subj])
 
@@ -272,6 +279,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape), "attrs": tr_attr.clone(),
               "filled": torch.zeros(len(train_subj), dtype=torch.bool)}
     ckpt = s.out / "checkpoint.safetensors"
+    if rank == 0:  # temporary files of writes interrupted by a kill (the real files are intact)
+        for stale in s.out.glob(".*.part*"):
+            stale.unlink(missing_ok=True)
     step, history = 0, []
     if s.resume:
         if not ckpt.is_file():
