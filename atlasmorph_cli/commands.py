@@ -1,7 +1,8 @@
 """What each subcommand does between parsing and writing: check inputs, run the pipeline, write outputs.
 
-Outputs are only written when asked for, each atomically, and only after all computation succeeded,
-so a failure never leaves a partial set behind.
+Outputs are only written when asked for, and only after all computation succeeded; they are written
+as hidden temporary files and renamed into place together at the end (io.all_or_nothing), so a
+failure, even while writing, never leaves a partial set behind.
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Callable
 import numpy as np
 
 from .errors import AtlasMorphError
-from .io import Volume, atomic_path, load_volume, save_volume, suffix_of
+from .io import Volume, all_or_nothing, atomic_path, check_output_dir, load_volume, save_volume, suffix_of
 from .labels import STRUCTURES
 from .pipeline import encode_attributes, load, make_template, register
 from .space import MODEL_GRID, resample
@@ -38,16 +39,14 @@ def attribute_values(age: float | None, sex: str | None, extra: list[str] | None
 
 
 def _check_outputs(paths: list[Path | None]) -> list[Path]:
-    """Validate output paths up front (suffix, writable folder) so no work is wasted."""
+    """Validate output paths up front (suffix, existing writable folder) so no work is wasted."""
     out = [p for p in paths if p is not None]
-    if len(set(map(str, out))) != len(out):
+    if len(set(str(p.resolve()) for p in out)) != len(out):
         raise AtlasMorphError("two outputs were given the same path")
     for p in out:
         if p.suffix.lower() not in (".csv", ".txt", ".png", ".tfm"):
             suffix_of(p)
-        parent = p.parent if str(p.parent) else Path(".")
-        if not parent.is_dir():
-            raise AtlasMorphError(f"{p}: output directory {parent} does not exist")
+        check_output_dir(p)
     return out
 
 
@@ -114,12 +113,13 @@ def run_template(output, age, sex, attr, labels, probs, png, model_path, threads
             writes.append((name(labels), t.labels, np.int32))
         if probs:
             writes.append((name(probs), np.moveaxis(t.probs, 0, -1).astype(np.float32), None))
-    for path, data, dtype in writes:
-        save_volume(data, g.affine, path, dtype=dtype, xform_code=MNI_XFORM)
-    if png:
-        from .report import template_montage
+    with all_or_nothing():
+        for path, data, dtype in writes:
+            save_volume(data, g.affine, path, dtype=dtype, xform_code=MNI_XFORM)
+        if png:
+            from .report import template_montage
 
-        template_montage(templates, png, sex)
+            template_montage(templates, png, sex)
 
 
 # ----------------------------------------------------------------------------------------- register
@@ -141,6 +141,16 @@ def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
     reg = register(model, subj, vec, m)
+    writes = register_writes(reg, warp_format, moved, template_out, trans, inverse, affine_out, labels, jacobian)
+    with all_or_nothing():
+        for w in writes:
+            w()
+
+
+def register_writes(reg, warp_format, moved=None, template_out=None, trans=None, inverse=None, affine_out=None,
+                    labels=None, jacobian=None) -> list[Callable[[], object]]:
+    """Compute the requested register outputs now; return the calls that write them (run them together)."""
+    subj = reg.subject
     g = reg.grid
     # compute everything first, then write: a failure leaves nothing behind
     writes: list[Callable[[], object]] = []
@@ -158,8 +168,7 @@ def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine
         writes.append(lambda d=reg.labels_to_native()[0]: save_volume(d, subj.affine, labels, header=subj.header, dtype=np.int32))
     if jacobian:
         writes.append(lambda d=reg.log_jacobian(): save_volume(d, g.affine, jacobian, dtype=np.float32, xform_code=MNI_XFORM))
-    for w in writes:
-        w()
+    return writes
 
 
 # ----------------------------------------------------------------------------------------- segment
@@ -184,10 +193,11 @@ def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, war
     reg = register(model, subj, vec, m)
     seg, sums = reg.labels_to_native()
     p = np.moveaxis(reg.probs_to_native(), 0, -1) if probs else None
-    save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
-    if p is not None:
-        save_volume(p, subj.affine, probs, dtype=np.float32)
-    if vol:
-        sid = Path(image).name
-        write_volumes(vol, [(sid, sums)], [float(np.prod(subj.zooms))])
+    with all_or_nothing():
+        save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
+        if p is not None:
+            save_volume(p, subj.affine, probs, dtype=np.float32)
+        if vol:
+            sid = Path(image).name
+            write_volumes(vol, [(sid, sums)], [float(np.prod(subj.zooms))])
 
