@@ -49,12 +49,15 @@ def read_cohort(csv_path: Path | str) -> list[Subject]:
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise AtlasMorphError(f"{csv_path}: no such cohort file")
-    with open(csv_path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        fields = [f.strip() for f in (reader.fieldnames or [])]
-        if "t1" not in fields:
-            raise AtlasMorphError(f"{csv_path}: missing required column 't1' (columns: {', '.join(fields)})")
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in r.items()} for r in reader]
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            fields = [f.strip() for f in (reader.fieldnames or [])]
+            if "t1" not in fields:
+                raise AtlasMorphError(f"{csv_path}: missing required column 't1' (columns: {', '.join(fields)})")
+            rows = [{(k or "").strip(): _cell(v) for k, v in r.items()} for r in reader]
+    except (UnicodeDecodeError, csv.Error) as exc:
+        raise AtlasMorphError(f"{csv_path}: not a readable CSV file ({exc})") from None
     if not rows:
         raise AtlasMorphError(f"{csv_path}: the cohort has no rows")
     id_col = next((c for c in ID_COLUMNS if c in fields), None)
@@ -74,6 +77,33 @@ def read_cohort(csv_path: Path | str) -> list[Subject]:
         attrs = {k: v for k, v in r.items() if k not in PATH_COLUMNS and k != id_col}
         subjects.append(Subject(n, sid, paths["t1"], paths["seg"], paths["mask"], attrs))
     return subjects
+
+
+def _cell(v: object) -> str:
+    """A CSV cell as a stripped string (extra cells of a too-long row arrive as a list)."""
+    if isinstance(v, list):
+        v = ",".join(v)
+    return (v or "").strip()
+
+
+def check_attribute_values(subjects: list[Subject], names: list[str]) -> None:
+    """A column that is numeric in some rows but not in others is a typo, not a categorical attribute."""
+    for name in names:
+        values = [(s, s.attrs.get(name, "")) for s in subjects if s.attrs.get(name, "") != ""]
+        bad = [(s, v) for s, v in values if not _is_number(v)]
+        if bad and len(bad) < len(values) / 2:
+            s, v = bad[0]
+            raise AtlasMorphError(
+                f"{s.where()}: {name} '{v}' is not a number (the other rows are numeric; {len(bad)} row(s) like this)"
+            )
+
+
+def _is_number(v: str) -> bool:
+    try:
+        float(v)
+        return True
+    except ValueError:
+        return False
 
 
 def _stem(path: str) -> str:
@@ -160,8 +190,9 @@ def _prepare_to_cache(subject: Subject, reference: np.ndarray, path: Path, key: 
         np.savez(tmp, key=np.array(key), **arrays)
         os.replace(tmp, path)
         return None
-    except AtlasMorphError as exc:
-        return str(exc)
+    except AtlasMorphError as exc:  # name the row even when the message came from a file reader
+        msg = str(exc)
+        return msg if msg.startswith(subject.where()) else f"{subject.where()}: {msg}"
     except Exception as exc:  # report, keep the other subjects going
         return f"{subject.where()}: {type(exc).__name__}: {exc}"
 

@@ -1,9 +1,18 @@
-"""Reading and writing volumes (NIfTI .nii/.nii.gz and FreeSurfer .mgz), always atomically."""
+"""Reading and writing volumes (NIfTI .nii/.nii.gz and FreeSurfer .mgz), always atomically.
+
+Every output goes through `atomic_path`: it is written to a hidden temporary file beside its
+destination, flushed to disk and renamed onto it only when complete. Inside `all_or_nothing()` the
+renames wait until the whole block has succeeded, so a command that fails while writing its third
+output leaves none of them behind. gzip members carry mtime 0, so the same input gives the same bytes.
+"""
 from __future__ import annotations
 
+import errno
+import json
 import os
 import tempfile
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -23,6 +32,7 @@ class Volume:
     data: np.ndarray
     affine: np.ndarray
     header: nib.spatialimages.SpatialHeader | None = None
+    source: Path | None = None  # the file it was read from, for messages
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -47,10 +57,13 @@ def check_affine(affine: np.ndarray, where: str) -> None:
     if not np.all(np.isfinite(affine)):
         raise AtlasMorphError(f"{where}: the affine (voxel-to-world matrix) has NaN/Inf entries")
     zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
-    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 or np.any(zooms < 0.05) or np.any(zooms > 20):
+    if np.any(zooms < 0.05) or np.any(zooms > 20):
         raise AtlasMorphError(
             f"{where}: implausible voxel-to-world affine (voxel sizes {np.round(zooms, 3).tolist()} mm)"
         )
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(zooms)):
+        raise AtlasMorphError(f"{where}: implausible voxel-to-world affine (singular: two voxel axes point the same "
+                              "way; check the qform/sform)")
 
 
 def load_volume(path: Path | str, *, allow_nonfinite: bool = False) -> Volume:
@@ -58,6 +71,8 @@ def load_volume(path: Path | str, *, allow_nonfinite: bool = False) -> Volume:
     path = Path(path)
     if not path.exists():
         raise AtlasMorphError(f"{path}: no such file")
+    if path.is_dir():
+        raise AtlasMorphError(f"{path}: is a directory, not an image file")
     suffix_of(path)
     try:
         img = nib.load(str(path))
@@ -68,36 +83,124 @@ def load_volume(path: Path | str, *, allow_nonfinite: bool = False) -> Volume:
         data = data[..., 0]
     if data.ndim == 5 and data.shape[3:] == (1, 1):
         data = data[..., 0, 0]
+    if data.ndim == 4:
+        raise AtlasMorphError(
+            f"{path}: a 4D image with {data.shape[3]} frames {data.shape}; give a single 3D volume "
+            "(e.g. extract one frame with mri_convert --frame 0 or fslroi)"
+        )
     if data.ndim != 3:
-        raise AtlasMorphError(f"{path}: expected a 3D image, got shape {data.shape}")
+        raise AtlasMorphError(f"{path}: expected a 3D image, got {data.ndim}D shape {data.shape}")
     if min(data.shape) < 2:
         raise AtlasMorphError(f"{path}: image is too small ({data.shape})")
-    if not allow_nonfinite and not np.all(np.isfinite(data)):
-        raise AtlasMorphError(f"{path}: image contains NaN or Inf voxels")
+    if not allow_nonfinite:
+        bad = int(np.count_nonzero(~np.isfinite(data)))
+        if bad:
+            raise AtlasMorphError(f"{path}: image contains NaN or Inf voxels ({bad} of {data.size})")
     affine = np.asarray(img.affine, dtype=np.float64)
     check_affine(affine, str(path))
-    return Volume(data=data, affine=affine, header=img.header)
+    return Volume(data=data, affine=affine, header=img.header, source=path)
+
+
+def check_output_dir(path: Path | str) -> None:
+    """Refuse an output whose folder is missing, not a folder, or not writable (tried, not guessed)."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise AtlasMorphError(f"{path}: is a directory; give a file name")
+    if not parent.is_dir():
+        what = "is not a directory" if parent.exists() else "does not exist"
+        raise AtlasMorphError(f"{path}: output directory {parent} {what}")
+    try:  # os.access is wrong for root, read-only mounts and some network file systems
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+    except OSError as exc:
+        raise AtlasMorphError(f"{path}: output directory {parent} is not writable{_reason(exc)}") from None
+    os.close(fd)
+    os.unlink(tmp)
+
+
+def _reason(exc: OSError) -> str:
+    return f" ({exc.strerror})" if exc.strerror and exc.errno != errno.ENOENT else ""
+
+
+# temporary files whose rename waits for the end of the enclosing all_or_nothing() block
+_pending: ContextVar[list[tuple[Path, Path]] | None] = ContextVar("atlasmorph_pending_outputs", default=None)
+
+
+@contextmanager
+def all_or_nothing() -> Iterator[None]:
+    """Outputs written through `atomic_path` inside the block appear together at its end, or not at all."""
+    if _pending.get() is not None:  # nested: the outer block commits
+        yield
+        return
+    pending: list[tuple[Path, Path]] = []
+    token = _pending.set(pending)
+    try:
+        yield
+        while pending:
+            tmp, final = pending[0]
+            os.replace(tmp, final)
+            pending.pop(0)
+    finally:
+        _pending.reset(token)
+        for tmp, _ in pending:
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager
 def atomic_path(path: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The file is flushed to disk before the rename, so after a crash (even SIGKILL or power loss)
+    `path` holds either its old content or the complete new one, never a partial file.
+    """
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise AtlasMorphError(f"{path}: output directory {parent} does not exist")
-    if not os.access(parent, os.W_OK):
-        raise AtlasMorphError(f"{path}: output directory {parent} is not writable")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _tmp_suffix(path), dir=parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _tmp_suffix(path), dir=parent)
+    except OSError as exc:
+        raise AtlasMorphError(f"{path}: output directory {parent} is not writable{_reason(exc)}") from None
     os.close(fd)
     tmp_path = Path(tmp)
+    keep = False
     try:
         yield tmp_path
         os.chmod(tmp_path, 0o666 & ~_umask())
-        os.replace(tmp_path, path)
+        _fsync(tmp_path)
+        group = _pending.get()
+        if group is not None:
+            group.append((tmp_path, path))
+            keep = True
+        else:
+            os.replace(tmp_path, path)
     finally:
-        if tmp_path.exists():
+        if not keep and tmp_path.exists():
             tmp_path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def canonical_safetensors(path: Path | str) -> None:
+    """Rewrite a safetensors header in place in a fixed order (metadata keys sorted, tensors by offset).
+
+    safetensors serialises its metadata from a hash map whose order changes from one process to the
+    next, so the same weights would give different bytes. The rewritten header holds the same JSON
+    (padded with spaces to the same length, as safetensors itself pads), so offsets do not move.
+    """
+    with open(path, "r+b") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        meta = header.pop("__metadata__", None)
+        out: dict = {} if meta is None else {"__metadata__": dict(sorted(meta.items()))}
+        out.update(sorted(header.items(), key=lambda kv: (kv[1]["data_offsets"][0], kv[0])))
+        text = json.dumps(out, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(text) <= n:  # always, unless a JSON escaping differs; then the file stays as written
+            fh.seek(8)
+            fh.write(text + b" " * (n - len(text)))
 
 
 def _umask() -> int:

@@ -2,7 +2,9 @@
 
 A model file is a safetensors file whose metadata holds the whole configuration (architecture,
 model grid, attribute encoding, label table, loss weights, versions), so the file alone rebuilds
-the model. Loading never unpickles.
+the model. Loading never unpickles: pickle-based files (.pt/.pth/.pkl/.ckpt, torch.save zips) are
+refused before anything reads them. A shipped model (models/) must match the sha256 in the one-line
+file beside it, `models/<name>.sha256` (`<hex>  <file name>`, as `sha256sum` writes it).
 """
 from __future__ import annotations
 
@@ -18,13 +20,14 @@ from safetensors.torch import save_file
 from . import __version__
 from .attributes import AttributeEncoder
 from .errors import AtlasMorphError
-from .io import atomic_path
+from .io import atomic_path, canonical_safetensors
 from .labels import N_CLASSES, STRUCTURES
 from .nn.networks import RegNet, TemplateNet, velocity_to_displacements
 from .space import Grid
 
 FORMAT = "atlasmorph-model"
 FORMAT_VERSION = 1
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".tar")
 
 
 @dataclass
@@ -85,15 +88,18 @@ def save_model(model: AtlasMorph, path: Path | str) -> Path:
     meta = {"format": FORMAT, "config": json.dumps(asdict(model.config))}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
+        canonical_safetensors(tmp)  # same weights + configuration -> same bytes
     return Path(path)
 
 
 def _refuse_pickle(path: Path) -> None:
+    """Refuse pickle-based files by name and by content (zip from torch.save, raw pickle opcodes)."""
     with open(path, "rb") as fh:
         head = fh.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
+    if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
         raise AtlasMorphError(
-            f"{path}: this is a pickle/.pt file; AtlasMorph only loads safetensors model files (no unpickling)"
+            f"{path}: refusing a pickle/.pt file (unpickling can run arbitrary code); "
+            "AtlasMorph only loads .safetensors model files"
         )
 
 
@@ -109,25 +115,43 @@ def read_config(path: Path | str) -> ModelConfig:
     except Exception as exc:
         raise AtlasMorphError(f"{path}: not a safetensors model file ({exc})") from exc
     if meta.get("format") != FORMAT or "config" not in meta:
+        if "step" in meta and "opt_groups" in meta:
+            raise AtlasMorphError(f"{path}: this is a training checkpoint, not a model; use model.safetensors "
+                                  "from the same folder")
         raise AtlasMorphError(f"{path}: not an AtlasMorph model (no AtlasMorph configuration in its metadata)")
-    cfg = json.loads(meta["config"])
-    if cfg.get("format_version") != FORMAT_VERSION:
+    try:
+        cfg = json.loads(meta["config"])
+        version = cfg.get("format_version")
+    except (ValueError, AttributeError) as exc:
+        raise AtlasMorphError(f"{path}: the model's configuration is damaged ({exc})") from exc
+    if version != FORMAT_VERSION:
         raise AtlasMorphError(
-            f"{path}: model format version {cfg.get('format_version')} is not supported by "
+            f"{path}: model format version {version} is not supported by "
             f"atlasmorph {__version__} (expects {FORMAT_VERSION})"
         )
     known = set(ModelConfig.__dataclass_fields__)
-    return ModelConfig(**{k: v for k, v in cfg.items() if k in known})
+    try:
+        config = ModelConfig(**{k: v for k, v in cfg.items() if k in known})
+        _ = (config.encoder, config.model_grid)  # parse them now, not mid-run
+    except Exception as exc:
+        raise AtlasMorphError(f"{path}: the model's configuration is incomplete or damaged ({exc})") from exc
+    return config
 
 
 def load_model(path: Path | str, device: str = "cpu") -> AtlasMorph:
     """Rebuild a model from its file (configuration from the metadata, weights from the tensors)."""
     config = read_config(path)
-    model = AtlasMorph(config)
+    try:
+        model = AtlasMorph(config)
+    except Exception as exc:
+        raise AtlasMorphError(f"{path}: the stored configuration does not build a model ({exc})") from exc
     state = {}
-    with safe_open(str(path), framework="pt", device=device) as f:
-        for k in f.keys():
-            state[k] = f.get_tensor(k)
+    try:
+        with safe_open(str(path), framework="pt", device=device) as f:
+            for k in f.keys():
+                state[k] = f.get_tensor(k)
+    except Exception as exc:
+        raise AtlasMorphError(f"{path}: damaged model file ({exc})") from exc
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
@@ -142,3 +166,40 @@ def sha256(path: Path | str) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def checksum_file(path: Path | str) -> Path:
+    """Where a shipped model's checksum lives: models/<name>.sha256 beside models/<name>.safetensors."""
+    path = Path(path)
+    return path.with_name(_stem(path) + ".sha256")
+
+
+def _stem(path: Path) -> str:
+    return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
+
+
+def verify_shipped(path: Path | str) -> str:
+    """Check a shipped model against `<name>.sha256` beside it; returns the digest, raises on any doubt.
+
+    The checksum file is one line as `sha256sum` writes it: `<64 hex digits>  <file name>`. A missing
+    or malformed checksum file, a different file name or a different digest are all errors: a shipped
+    model is never used unverified.
+    """
+    path = Path(path)
+    sums = checksum_file(path)
+    if not sums.is_file():
+        raise AtlasMorphError(f"{path}: shipped model has no checksum file {sums.name}; the installation is incomplete")
+    fields = sums.read_text().split()
+    digest = fields[0].lower() if fields else ""
+    name = fields[1].lstrip("*") if len(fields) > 1 else path.name
+    if len(fields) not in (1, 2) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise AtlasMorphError(f"{sums}: not a sha256 checksum line ('<64 hex digits>  {path.name}')")
+    if name != path.name:
+        raise AtlasMorphError(f"{sums}: lists '{name}', not '{path.name}'")
+    actual = sha256(path)
+    if actual != digest:
+        raise AtlasMorphError(
+            f"{path}: sha256 {actual[:12]}... does not match {digest[:12]}... in {sums.name}; the model file is "
+            "corrupt or was replaced (reinstall atlasmorph)"
+        )
+    return actual

@@ -18,7 +18,7 @@ from .errors import AtlasMorphError
 from .intensity import normalize
 from .io import Volume
 from .labels import to_freesurfer
-from .model import AtlasMorph, load_model
+from .model import AtlasMorph, load_model, verify_shipped
 from .nn.layers import jacobian_determinant, sample_at
 from .space import Grid, grid_coords, resample, voxel_map
 
@@ -38,6 +38,15 @@ def shipped_models() -> list[Path]:
     if not found:
         found = sorted((Path(__file__).resolve().parent.parent / "models").glob(MODEL_GLOB))
     return found
+
+
+def is_shipped(path: Path) -> bool:
+    """Whether `path` is one of the model files installed with the package."""
+    try:
+        p = path.resolve()
+        return any(p == m.resolve() for m in shipped_models())
+    except OSError:
+        return False
 
 
 def resolve_model(path: Path | None) -> Path:
@@ -191,20 +200,24 @@ def _slabs(shape: tuple[int, ...], channels: int = 1) -> list[slice]:
 
 def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.ndarray]:
     """Brain mask (given mask, else the non-zero voxels of a brain-extracted T1) and the normalised brain."""
+    name = f"{subject.source}: " if subject.source is not None else ""
     if mask is not None:
         if mask.shape != subject.shape or not np.allclose(mask.affine, subject.affine, atol=1e-3):
+            what = "shape" if mask.shape != subject.shape else "voxel-to-world affine"
             raise AtlasMorphError(
-                f"the mask is on another grid than the image ({mask.shape} vs {subject.shape}); "
+                f"{name}the mask is on another grid than the image ({what}: {mask.shape} vs {subject.shape}); "
                 "resample it to the image first"
             )
         m = mask.data > 0
     else:
         m = subject.data != 0
+    if not np.any(subject.data):
+        raise AtlasMorphError(f"{name}the image is all zeros")
     if m.sum() < 1000:
-        raise AtlasMorphError("the image (or its mask) has no brain: fewer than 1000 non-zero voxels")
+        raise AtlasMorphError(f"{name}the image (or its mask) has no brain: fewer than 1000 non-zero voxels")
     vals = subject.data[m]
     if float(vals.max() - vals.min()) <= 0:
-        raise AtlasMorphError("the image is constant inside the brain")
+        raise AtlasMorphError(f"{name}the image is constant inside the brain")
     return m, normalize(subject.data, m)
 
 
@@ -221,8 +234,10 @@ def register(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volu
 
 
 def load(path: Path | None, threads: int | None = None) -> tuple[Path, AtlasMorph]:
-    """Resolve and load a model (the shipped one by default), setting torch's thread count."""
+    """Resolve and load a model (the shipped one by default, checksum-verified), setting torch's threads."""
     if threads:
         torch.set_num_threads(threads)
     p = resolve_model(path)
+    if is_shipped(p):
+        verify_shipped(p)  # its sha256 must match models/<name>.sha256
     return p, load_model(p)

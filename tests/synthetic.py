@@ -54,3 +54,29 @@ def small_reference() -> np.ndarray:
     t1, seg, aff = phantom(50.0)
     ref = resample(t1, aff, SMALL_GRID)
     return normalize(ref, ref > 0)
+
+
+def small_model(path: Path, seed: int = 0) -> Path:
+    """A tiny model on SMALL_GRID (age + sex, ages 20-80) whose template is the age-50 phantom.
+
+    The registration network is untrained; the file is a few MB, so CLI tests run in seconds
+    without the real data.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    from atlasmorph_cli.attributes import AttributeEncoder
+    from atlasmorph_cli.labels import to_index
+    from atlasmorph_cli.model import AtlasMorph, ModelConfig, save_model
+    from atlasmorph_cli.space import resample_labels
+
+    torch.manual_seed(seed)
+    rows = [{"age": str(a), "sex": s} for a, s in ((20, "F"), (50, "M"), (80, "F"), (35, "M"))]
+    enc = AttributeEncoder.fit(["age", "sex"], rows)
+    model = AtlasMorph(ModelConfig(name="test-small", grid=SMALL_GRID.to_dict(), attributes=enc.to_dict(),
+                                   template_width=8))
+    t1, seg, aff = phantom(50.0)
+    labels = resample_labels(to_index(seg), aff, SMALL_GRID)
+    onehot = F.one_hot(torch.from_numpy(labels).long(), 35).permute(3, 0, 1, 2).float()
+    model.template_net.init_base(torch.from_numpy(small_reference()), 0.9 * onehot + 0.1 / 35)
+    return save_model(model, path)
