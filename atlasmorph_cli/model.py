@@ -82,9 +82,15 @@ class AtlasMorph(torch.nn.Module):
         return {"vel": vel, "fwd": fwd, "inv": inv, "fwd_half": fwd_half}
 
 
-def save_model(model: AtlasMorph, path: Path | str) -> Path:
-    """Write weights + configuration to a safetensors file, atomically."""
+def save_model(model: AtlasMorph, path: Path | str, dtype: torch.dtype | None = None) -> Path:
+    """Write weights + configuration to a safetensors file, atomically.
+
+    `dtype` (e.g. torch.float16) stores the floating-point weights at that precision (half the size of a
+    shipped file); load_model casts them back to float32.
+    """
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    if dtype is not None:
+        tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     meta = {"format": FORMAT, "config": json.dumps(asdict(model.config))}
     with atomic_path(Path(path)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
