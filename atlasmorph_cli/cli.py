@@ -100,7 +100,7 @@ def train(
     val_every: int = typer.Option(100, min=1, help="Validate every N steps."),
     checkpoint_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
     seed: int = typer.Option(0, help="Random seed (split, sampling)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.safetensors."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.safetensors (same options; a lower --lr anneals, the same --lr continues exactly)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this model (fine-tuning)."),
     reference: Optional[Path] = typer.Option(None, help="Affine target: brain T1 in MNI space (default: MNI152 "
                                              "from $ATLASMORPH_DATA, or the --init model's template)."),

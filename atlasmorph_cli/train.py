@@ -287,6 +287,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         if not ckpt.is_file():
             raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
         step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
+        for group in optimizer.param_groups:  # --lr on --resume anneals; the same --lr continues exactly
+            group["lr"] = s.lr
 
     cols = TextColumn("{task.fields[info]}")
     plain_log = rank == 0 and not s.quiet and not sys.stderr.isatty()  # nohup/cluster logs get text lines
@@ -305,13 +307,14 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             memory["filled"][pick] = True
             step += 1
             steps_done += 1
-            rec = {"step": step, "loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+            rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
             if rank == 0 and va_t1 is not None and (step % s.val_every == 0 or step == s.steps):
                 d = validate(model, va_t1.to(device), va_lab, va_attr.to(device))
                 rec["val_dice"] = float(np.nanmean(d))
             history.append(rec)
             rate = steps_done / (time.time() - t0)
-            info = " ".join(f"{k}={v:.4f}" for k, v in rec.items() if k != "step") + f" {rate:.2f} it/s"
+            info = " ".join(f"{k}={v:.4g}" if k == "lr" else f"{k}={v:.4f}" for k, v in rec.items() if k != "step")
+            info += f" {rate:.2f} it/s"
             bar.update(task, completed=step, info=info)
             if plain_log and (step % 10 == 0 or "val_dice" in rec):
                 print(f"step {step}/{s.steps} {info}", file=sys.stderr, flush=True)

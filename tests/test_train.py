@@ -77,6 +77,16 @@ def test_resume_continues_exactly(cohort, tmp_path):
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
 
 
+def test_resume_with_a_new_learning_rate_anneals(cohort, tmp_path):
+    import csv
+
+    ref = small_reference()
+    train(settings(cohort, tmp_path, steps=5), ref)
+    train(settings(cohort, tmp_path, steps=7, lr=1e-4, resume=True), ref)
+    lrs = [float(h["lr"]) for h in csv.DictReader(open(tmp_path / "history.csv"))]
+    assert lrs == [3e-3] * 5 + [1e-4] * 2
+
+
 def test_unconditional_model_has_no_attributes(cohort, tmp_path):
     train(settings(cohort, tmp_path / "u", steps=3, attributes=[], val_fraction=0.0), small_reference())
     m = load_model(tmp_path / "u" / "model.safetensors")
