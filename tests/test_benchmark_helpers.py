@@ -1,0 +1,85 @@
+"""Pure helpers of benchmarks/segmentation_benchmark.py (folding, displacement, age groups, voting, split)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from atlasmorph_cli.nn.layers import jacobian_determinant
+
+_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "segmentation_benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("segmentation_benchmark", _PATH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_folding_percent_of_known_fields(bench):
+    shape = (12, 12, 12)
+    zero = torch.zeros(1, 3, *shape)
+    det = jacobian_determinant(zero)[0].numpy()
+    assert bench.folding_percent(det) == 0.0
+    # x -> -x along the first axis: u = -2x, det = -1 everywhere -> 100 % folded
+    x = torch.arange(shape[0], dtype=torch.float32).view(1, 1, -1, 1, 1).expand(1, 1, *shape)
+    flip = torch.cat([-2 * x, torch.zeros(1, 2, *shape)], 1)
+    assert bench.folding_percent(jacobian_determinant(flip)[0].numpy()) == 100.0
+    # a mask selects which voxels count; det exactly 0 counts as folded
+    det = np.ones(shape)
+    det[:3] = 0.0
+    det[3:6] = -0.5
+    mask = np.zeros(shape, bool)
+    mask[:6] = True
+    mask[6:9] = True
+    assert bench.folding_percent(det) == pytest.approx(50.0)
+    assert bench.folding_percent(det, mask) == pytest.approx(100.0 * 6 / 9)
+    assert math.isnan(bench.folding_percent(det, np.zeros(shape, bool)))
+
+
+def test_mean_magnitude_scales_components(bench):
+    disp = np.zeros((3, 4, 4, 4))
+    disp[0] = 3.0
+    disp[1] = 4.0
+    assert bench.mean_magnitude(disp) == pytest.approx(5.0)
+    assert bench.mean_magnitude(disp, spacing=(2, 2, 2)) == pytest.approx(10.0)  # voxels -> mm
+    last = np.moveaxis(disp, 0, -1)
+    mask = np.zeros((4, 4, 4), bool)
+    mask[0] = True
+    assert bench.mean_magnitude(last, mask, axis=-1) == pytest.approx(5.0)
+
+
+def test_age_groups_and_stats(bench):
+    assert [bench.age_group(a) for a in (20, 39.99, 40, 59.9, 60, 85)] == ["<40", "<40", "40-60", "40-60", ">=60", ">=60"]
+    s = bench.stats([1.0, 3.0, None, float("nan")])
+    assert s == {"mean": 2.0, "std": 1.0, "min": 1.0, "max": 3.0, "n": 2}
+    assert bench.stats([])["mean"] is None
+    assert bench.clean({"a": [float("nan"), np.float32(1.5), np.int64(2)]}) == {"a": [None, 1.5, 2]}
+
+
+def test_majority_vote(bench):
+    a = np.array([[1, 2, 3, 0]])
+    b = np.array([[1, 2, 4, 0]])
+    c = np.array([[1, 5, 4, 7]])
+    np.testing.assert_array_equal(bench.majority_vote([a, b, c]), [[1, 2, 4, 0]])
+    np.testing.assert_array_equal(bench.majority_vote([a, c]), [[1, 2, 3, 0]])  # ties: lower index
+
+
+def test_split_and_subject_selection(bench, tmp_path):
+    split = tmp_path / "split.json"
+    split.write_text(json.dumps({"train": ["s3"], "validation": ["s2", "s1", "s4"]}))
+    ids, source = bench.split_ids(split, tmp_path / "unused.safetensors")
+    assert ids["validation"] == ["s2", "s1", "s4"] and source == str(split)
+    rows = [{"subject": "s1", "seg": "a", "age": "30", "sex": "F"},
+            {"subject": "s2", "seg": "b", "age": "70", "sex": "M"},
+            {"subject": "s3", "seg": "c", "age": "50", "sex": "M"},
+            {"subject": "s4", "seg": "d", "age": "", "sex": ""}]
+    assert [r["subject"] for r in bench.pick_subjects(rows, ids["validation"], None)] == ["s1", "s2"]
+    assert [r["subject"] for r in bench.pick_subjects(rows, ids["validation"], 1)] == ["s1"]
