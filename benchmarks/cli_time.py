@@ -1,0 +1,83 @@
+"""End-to-end wall time and peak memory of `atlasmorph segment` / `register` as a user runs them.
+
+Each run is a fresh `atlasmorph` process (Python start, imports, model load and sha256 check, reading
+the whole-head T1 and its mask, affine, networks, native-space resampling, writing outputs), on shared
+IXI subjects with their DLMUSE mask (seg > 0) as `--mask`. Peak memory is the child's max RSS.
+
+    python benchmarks/cli_time.py --n 5 --json docs/benchmarks/cli_time.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MB) of one command in a fresh process; a failure stops the benchmark."""
+    with tempfile.TemporaryFile("w+") as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        _, status, rusage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"{' '.join(cmd)} failed: {err.read().strip()}")
+    return wall, rusage.ru_maxrss / 1024
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=5, help="IXI subjects (first n with age, sorted by id)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+    data = find_data_dir()
+    if data is None:
+        raise SystemExit("no data: set ATLASMORPH_DATA")
+    with open(data / "ixi" / "subjects.csv", newline="") as fh:
+        rows = sorted((r for r in csv.DictReader(fh) if r["age"] and r["sex"]), key=lambda r: r["subject"])[: args.n]
+    exe = shutil.which("atlasmorph") or sys.exit("atlasmorph is not installed")
+    results = {"segment": [], "register": []}
+    load = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in rows:
+            base = [str(data / "ixi" / r["t1"]), "--mask", str(data / "ixi" / r["seg"]),
+                    "--age", r["age"], "--sex", r["sex"], "--threads", str(args.threads)]
+            seg = [exe, "segment", *base, "-o", f"{tmp}/seg.nii.gz", "--vol", f"{tmp}/vol.csv"]
+            reg = [exe, "register", *base, "-o", f"{tmp}/moved.nii.gz", "-t", f"{tmp}/warp.nii.gz",
+                   "--labels", f"{tmp}/labels.nii.gz"]
+            for name, cmd in (("segment", seg), ("register", reg)):
+                wall, mb = run(cmd)
+                results[name].append({"subject": r["subject"], "seconds": wall, "peak_mb": mb})
+                load.append(os.getloadavg()[0])
+                print(f"{r['subject']} {name:8s} {wall:5.1f} s {mb:6.0f} MB  load {load[-1]:.2f}", flush=True)
+    summary = {k: {"seconds_mean": statistics.mean(x["seconds"] for x in v),
+                   "seconds_max": max(x["seconds"] for x in v),
+                   "peak_mb_max": max(x["peak_mb"] for x in v)} for k, v in results.items()}
+    out = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+           "cpus": os.cpu_count(), "threads": args.threads, "load_average_1min_mean": statistics.mean(load),
+           "summary": summary, "runs": results}
+    print(json.dumps(summary, indent=1))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
