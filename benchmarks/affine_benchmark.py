@@ -15,7 +15,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -34,6 +33,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlasmorph_cli import labels, metrics  # noqa: E402
+from benchmarks.machine_info import describe  # noqa: E402
 import dataclasses  # noqa: E402
 
 from atlasmorph_cli.affine import LEVELS, fit_affine  # noqa: E402
@@ -52,15 +52,7 @@ def subjects(data_dir: Path, n: int) -> list[dict]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, torch {torch.__version__}"
+    return f"{describe()}, torch {torch.__version__}"
 
 
 class Ants:

@@ -54,6 +54,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from atlasmorph_cli import labels, metrics  # noqa: E402  (numpy-only modules: workers stay torch-free)
+from benchmarks.machine_info import describe  # noqa: E402
 
 OURS = ("atlasmorph", "atlasmorph-average", "atlasmorph-baseline")
 ANTS = ("ants-syncc-mni", "ants-syncc-built")
@@ -379,23 +380,7 @@ def in_fresh_process(task: dict) -> dict:
 
 # ------------------------------------------------------------------------------------ main side
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = ""
-    try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemTotal:"):
-                mem = f", {int(line.split()[1]) / 1024 ** 2:.0f} GiB RAM"
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} logical CPUs{mem}, {platform.system()} {platform.release()}"
+    return describe()
 
 
 def versions() -> dict:
