@@ -220,8 +220,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
     subjects = read_cohort(s.data)
-    if s.resume and not (s.out / "checkpoint.safetensors").is_file():  # before hours of preparation
-        raise AtlasMorphError(f"--resume: no checkpoint at {s.out / 'checkpoint.safetensors'}")
+    ckpt = s.out / "checkpoint.safetensors"
+    if s.resume and not ckpt.is_file():  # before hours of preparation
+        raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
     s.out.mkdir(parents=True, exist_ok=True)
     init_model = load_model(s.init) if s.init else None
     names = init_model.config.encoder.names if init_model else s.attributes
@@ -278,14 +279,11 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     low_shape = [d // 4 for d in s.grid.shape]
     memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape), "attrs": tr_attr.clone(),
               "filled": torch.zeros(len(train_subj), dtype=torch.bool)}
-    ckpt = s.out / "checkpoint.safetensors"
     if rank == 0:  # temporary files of writes interrupted by a kill (the real files are intact)
         for stale in s.out.glob(".*.part*"):
             stale.unlink(missing_ok=True)
     step, history = 0, []
-    if s.resume:
-        if not ckpt.is_file():
-            raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
+    if s.resume:  # its presence was checked before the cohort was prepared
         step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
         for group in optimizer.param_groups:  # --lr on --resume anneals; the same --lr continues exactly
             group["lr"] = s.lr
@@ -307,7 +305,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             memory["filled"][pick] = True
             step += 1
             steps_done += 1
-            rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": float(total.detach()), **{k: float(v.detach()) for k, v in terms.items()}}
+            rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": float(total.detach()),
+                   **{k: float(v.detach()) for k, v in terms.items()}}
             if rank == 0 and va_t1 is not None and (step % s.val_every == 0 or step == s.steps):
                 d = validate(model, va_t1.to(device), va_lab, va_attr.to(device))
                 rec["val_dice"] = float(np.nanmean(d))
