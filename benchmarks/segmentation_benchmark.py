@@ -22,15 +22,19 @@ worker process, the mean displacement (mm) of the deformable part (centrality) a
         [--baseline runs/uncond/model.safetensors] [--methods ...,ants-syncc-built] --out docs/benchmarks
 
 writes <out>/segmentation.json, <out>/segmentation.md and <out>/dice_boxplot.png. ANTs (antspyx, the
-`bench` extra) is optional: without it only the AtlasMorph methods are reported. `--work DIR` keeps
-every finished (method, subject) result and the built ANTs template there, so an interrupted run
-continues where it stopped when started again with the same --work.
+`bench` extra) is optional: without it only the AtlasMorph methods are reported. The AtlasMorph methods
+run first on every subject, then the ANTs ones (on the first --ants-n subjects only, if given: SyNCC
+takes 10-15 min per subject on 2 cores). `--results DIR` (default WORK/results) keeps every finished
+(method, subject) result and the built ANTs template; a result is reused whenever its inputs match (the
+content of the model and template files, the subject, the method), so a run that was stopped, or one on
+another machine with the same folder, continues where the last one stopped.
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
 import csv
+import functools
 import hashlib
 import json
 import math
@@ -284,15 +288,15 @@ def _ants(task: dict) -> dict:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
         rec = _score(np.rint(out.numpy()).astype(np.uint8), truth)
-        warp = next(p for p in reg["fwdtransforms"] if p.endswith("Warp.nii.gz"))
-        fixed_mask = _at_working_resolution(ants, mask_img, 1).numpy() > 0.5
-        det = ants.create_jacobian_determinant_image(fixed, warp, do_log=False).numpy()
-        field = ants.image_read(warp).numpy()  # (X, Y, Z, 3) in mm
-        rec.update({
-            "seconds": wall, "cpu_seconds": cpu, "load_seconds": load_s,
-            "folding_pct": folding_percent(det, fixed_mask),
-            "mean_disp_mm": mean_magnitude(field, fixed_mask, axis=-1),
-        })
+        rec.update({"seconds": wall, "cpu_seconds": cpu, "load_seconds": load_s,
+                    "folding_pct": None, "mean_disp_mm": None})
+        warp = next((p for p in reg["fwdtransforms"] if p.endswith("Warp.nii.gz")), None)
+        if warp is not None:  # a deformable transform (not e.g. 'Affine')
+            fixed_mask = _at_working_resolution(ants, mask_img, 1).numpy() > 0.5
+            det = ants.create_jacobian_determinant_image(fixed, warp, do_log=False).numpy()
+            field = ants.image_read(warp).numpy()  # (X, Y, Z, 3) in mm
+            rec["folding_pct"] = folding_percent(det, fixed_mask)
+            rec["mean_disp_mm"] = mean_magnitude(field, fixed_mask, axis=-1)
         return rec
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -421,17 +425,48 @@ def prepare_mni(data_dir: Path, work: Path) -> tuple[Path, Path]:
     return t1, lab
 
 
+@functools.lru_cache(maxsize=None)
+def _content_sha256(path: str, size: int, mtime_ns: int) -> str:
+    if path.endswith((".nii", ".nii.gz")):  # voxels + affine: a gzip header carries its write time
+        import nibabel as nib
+
+        img = nib.load(path)
+        h = hashlib.sha256(np.ascontiguousarray(img.dataobj, dtype=np.float32).tobytes())
+        h.update(np.asarray(img.affine, dtype=np.float64).tobytes())
+        return h.hexdigest()
+    return file_sha256(Path(path))
+
+
+def content_sha256(path) -> str | None:
+    """What an input file holds, as sha256 (NIfTI: voxel data and affine), or None if it is missing."""
+    p = Path(path)
+    if not p.is_file():
+        return None
+    st = p.stat()
+    return _content_sha256(str(p.resolve()), st.st_size, st.st_mtime_ns)
+
+
+# task entries that say where things go or how fast, not what is computed
+_NOT_IN_KEY = ("scratch", "threads", "log", "out_template", "out_labels")
+
+
 def task_key(task: dict) -> str:
-    """What a cached result must match to be reused (method, subject, inputs; not the scratch folder)."""
-    keep = {k: v for k, v in task.items() if k not in ("scratch", "threads")}
+    """What a cached result must match to be reused: method, subject, the content of the model/template
+    files and the names of the subject's files; no absolute path, so results move between machines."""
+    keep = {k: v for k, v in task.items() if k not in _NOT_IN_KEY}
     for k in ("model", "template", "template_labels"):
         if k in keep:
-            p = Path(keep[k])
-            keep[k + "_stat"] = [p.stat().st_size, int(p.stat().st_mtime)] if p.exists() else None
+            keep[k] = content_sha256(keep[k])
+    for k in ("t1", "seg"):
+        if k in keep:
+            keep[k] = Path(keep[k]).name
+    if "subjects" in keep:
+        keep["subjects"] = [[Path(f).name for f in pair] for pair in keep["subjects"]]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def run_cached(task: dict, cache: Path | None) -> tuple[dict, bool]:
+    """The cached result of `task` if `cache` holds one for the same inputs, else a fresh run (saved there)."""
     key = task_key(task)
     if cache is not None and cache.is_file():
         old = json.loads(cache.read_text())
@@ -439,9 +474,13 @@ def run_cached(task: dict, cache: Path | None) -> tuple[dict, bool]:
             return old, True
     rec = in_fresh_process(task)
     rec["key"] = key
+    rec["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    rec["load_average"] = list(os.getloadavg())
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
-        cache.write_text(json.dumps(clean(rec), indent=1))
+        tmp = cache.with_name(cache.name + ".part")
+        tmp.write_text(json.dumps(clean(rec), indent=1))
+        tmp.replace(cache)
     return rec, False
 
 
@@ -464,8 +503,25 @@ def summarise(subjects: list[dict], methods: list[str]) -> dict:
     return out
 
 
+def paired_subjects(subjects: list[dict], methods: list[str]) -> list[dict]:
+    """The subjects on which every method has a successful result (the side-by-side comparison)."""
+    return [s for s in subjects
+            if all(m in s["methods"] and "error" not in s["methods"][m] for m in methods)]
+
+
+def wins(subjects: list[dict], methods: list[str]) -> dict:
+    """For every (ours, ANTs) pair: on how many subjects ours has the higher mean Dice, of how many."""
+    out = {}
+    for m in (x for x in methods if x in OURS):
+        for a in (x for x in methods if x in ANTS):
+            both = [s for s in subjects if "dice" in s["methods"].get(m, {}) and "dice" in s["methods"].get(a, {})]
+            out[f"{m}:{a}"] = {"ours_higher": sum(s["methods"][m]["dice"] > s["methods"][a]["dice"] for s in both),
+                               "n": len(both)}
+    return out
+
+
 def ratios(summary: dict) -> dict:
-    """ours : ANTs SyNCC (to MNI152) for wall seconds and peak memory."""
+    """ours : ANTs SyNCC (to MNI152) for wall seconds and peak memory (give it the paired summary)."""
     out = {}
     a = summary.get("ants-syncc-mni")
     for m in OURS:
@@ -497,6 +553,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ants-transform", default=ANTS_TRANSFORM,
                     help="type_of_transform of the ANTs methods (default SyNCC, what the method names say; "
                          "another one, e.g. 'antsRegistrationSyNQuick[s]', is named in the report)")
+    ap.add_argument("--ants-n", type=int, default=None,
+                    help="run the ANTs methods on the first N of those subjects only (10-15 min each on 2 cores)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="folder of per-(method, subject) results, reused whenever the inputs match (default: WORK/results)")
     ap.add_argument("--work", type=Path, default=None,
                     help="folder for the MNI/ANTs files and per-task results, reused by a later run (default: temporary)")
     args = ap.parse_args(argv)
@@ -553,31 +613,9 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     scratch = work / "scratch"
     scratch.mkdir(exist_ok=True)
-    results_dir = work / "results" if args.work is not None else None
+    results_dir = args.results or (work / "results" if args.work is not None else None)
     ixi = data_dir / "ixi"
-
-    mni_t1, mni_labels = prepare_mni(data_dir, work) if any(m in ANTS for m in methods) else (None, None)
-    template_build = None
-    if "ants-syncc-built" in methods:
-        train_rows = pick_subjects(rows, split.get("train", []), args.template_subjects)
-        task = {"kind": "build", "threads": args.threads, "scratch": str(scratch), "template": str(mni_t1),
-                "iterations": args.template_iterations,
-                "subjects": [(str(ixi / r["t1"]), str(ixi / r["seg"])) for r in train_rows],
-                "out_template": str(work / "built_template.nii.gz"),
-                "out_labels": str(work / "built_template_labels.nii.gz"), "log": str(work / "build_template.log")}
-        print(f"building an ANTs template from {len(train_rows)} training subjects "
-              f"({args.template_iterations} iterations) ...", flush=True)
-        template_build, cached = run_cached(task, work / "built_template.json" if args.work else None)
-        if cached and not Path(task["out_template"]).is_file():
-            template_build, _ = run_cached(task, None)
-        template_build["subjects"] = [r["subject"] for r in train_rows]
-        if "error" in template_build:
-            notes.append(f"ants.build_template failed: {template_build['error']}; ants-syncc-built not run")
-            print(notes[-1], file=sys.stderr)
-            methods.remove("ants-syncc-built")
-        else:
-            print(f"  built in {template_build['build_seconds']:.0f} s, labels in "
-                  f"{template_build['label_seconds']:.0f} s, peak {template_build['peak_mb']:.0f} MB", flush=True)
+    ants_val = val[:args.ants_n] if args.ants_n is not None else val
 
     def make_task(m: str, r: dict) -> dict:
         base = {"threads": args.threads, "scratch": str(scratch), "subject": r["subject"],
@@ -586,35 +624,67 @@ def main(argv: list[str] | None = None) -> int:
             model = args.baseline if m == "atlasmorph-baseline" else model_path
             return {**base, "kind": "ours", "method": m, "model": str(Path(model).resolve()),
                     "conditional": m == "atlasmorph", "attrs": {"age": float(r["age"]), "sex": r["sex"]}}
-        tmpl = (mni_t1, mni_labels) if m == "ants-syncc-mni" else (
-            work / "built_template.nii.gz", work / "built_template_labels.nii.gz")
+        tmpl = (mni_t1, mni_labels) if m == "ants-syncc-mni" else built
         return {**base, "kind": "ants", "method": m, "transform": args.ants_transform,
                 "template": str(tmpl[0]), "template_labels": str(tmpl[1])}
 
     short = {"atlasmorph": "ours", "atlasmorph-average": "avg", "atlasmorph-baseline": "uncond",
              "ants-syncc-mni": "SyNCC-MNI", "ants-syncc-built": "SyNCC-built"}
-    header = f"{'subject':<16} {'age':>5} sex" + "".join(f" | {short[m]:>11} {'s':>6} {'MB':>5}" for m in methods)
-    print(f"{len(val)} validation subjects ({split_source}); each cell: mean Dice, seconds, peak MB")
-    print(header, flush=True)
-    per_subject = []
-    for r in val:
-        rec = {"subject": r["subject"], "age": float(r["age"]), "sex": r["sex"], "age_group": age_group(float(r["age"])),
-               "methods": {}}
-        line = f"{r['subject']:<16} {float(r['age']):5.1f} {r['sex']:>3}"
-        for m in methods:
-            cache = results_dir / m / f"{r['subject']}.json" if results_dir else None
-            res, _ = run_cached(make_task(m, r), cache)
-            res.pop("key", None)
-            rec["methods"][m] = res
-            if "error" in res:
-                line += f" | {'FAILED':>11} {'':>6} {'':>5}"
-                print(f"{r['subject']} {m}: {res['error']}", file=sys.stderr)
-            else:
-                line += f" | {res['dice']:11.4f} {res['seconds']:6.1f} {res['peak_mb']:5.0f}"
-        print(line, flush=True)
-        per_subject.append(rec)
+    per_subject = [{"subject": r["subject"], "age": float(r["age"]), "sex": r["sex"],
+                    "age_group": age_group(float(r["age"])), "methods": {}} for r in val]
+
+    def run_all(ms: list[str], rows: list[dict]) -> None:
+        """Every (method, subject) of ms x rows, one line each; cached results are reused."""
+        for rec, r in zip(per_subject, val):
+            if r not in rows:
+                continue
+            for m in ms:
+                cache = results_dir / m / f"{r['subject']}.json" if results_dir else None
+                res, cached = run_cached(make_task(m, r), cache)
+                res.pop("key", None)
+                rec["methods"][m] = res
+                head = f"{r['subject']:<16} {float(r['age']):5.1f} {r['sex']:>3} {short[m]:<11}"
+                if "error" in res:
+                    print(f"{head} FAILED: {res['error']}", file=sys.stderr, flush=True)
+                else:
+                    print(f"{head} Dice {res['dice']:.4f}  {res['seconds']:7.1f} s  {res['peak_mb']:5.0f} MB"
+                          + ("  (cached)" if cached else ""), flush=True)
+
+    ours_methods = [m for m in methods if m in OURS]
+    print(f"{len(val)} validation subjects ({split_source}); ANTs methods on the first {len(ants_val)}", flush=True)
+    run_all(ours_methods, val)  # the fast methods first, on every subject
+
+    mni_t1, mni_labels = prepare_mni(data_dir, work) if any(m in ANTS for m in methods) else (None, None)
+    template_build, built = None, None
+    if "ants-syncc-built" in methods:
+        # the built template is kept with the results: the SyNCC-built results are only valid against it
+        home = (results_dir or work) / "ants-syncc-built"
+        home.mkdir(parents=True, exist_ok=True)
+        built = (home / "template.nii.gz", home / "template_labels.nii.gz")
+        train_rows = pick_subjects(rows, split.get("train", []), args.template_subjects)
+        task = {"kind": "build", "threads": args.threads, "scratch": str(scratch), "template": str(mni_t1),
+                "iterations": args.template_iterations,
+                "subjects": [(str(ixi / r["t1"]), str(ixi / r["seg"])) for r in train_rows],
+                "out_template": str(built[0]), "out_labels": str(built[1]), "log": str(work / "build_template.log")}
+        print(f"building an ANTs template from {len(train_rows)} training subjects "
+              f"({args.template_iterations} iterations) ...", flush=True)
+        template_build, cached = run_cached(task, home / "build.json")
+        if cached and not all(p.is_file() for p in built):
+            template_build, _ = run_cached(task, None)
+        template_build.pop("key", None)
+        template_build["subjects"] = [r["subject"] for r in train_rows]
+        if "error" in template_build:
+            notes.append(f"ants.build_template failed: {template_build['error']}; ants-syncc-built not run")
+            print(notes[-1], file=sys.stderr)
+            methods.remove("ants-syncc-built")
+        else:
+            print(f"  built in {template_build['build_seconds']:.0f} s, labels in "
+                  f"{template_build['label_seconds']:.0f} s, peak {template_build['peak_mb']:.0f} MB", flush=True)
+    run_all([m for m in methods if m in ANTS], ants_val)
 
     summary = summarise(per_subject, methods)
+    paired = paired_subjects(per_subject, methods)
+    paired_summary = summarise(paired, methods)
     result = {
         "command": "python benchmarks/segmentation_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
@@ -629,13 +699,17 @@ def main(argv: list[str] | None = None) -> int:
         "split": split_source,
         "methods": methods,
         "ants_transform": args.ants_transform,
+        "ants_n": len(ants_val) if any(m in ANTS for m in methods) and len(ants_val) < len(val) else None,
         "ants_working_resolution_mm": ANTS_WORKING_MM,
         "template_build": template_build,
         "age_groups": [g for g, _, _ in AGE_GROUPS],
         "structures": NAMES,
         "n_subjects": len(per_subject),
         "summary": summary,
-        "ratios": ratios(summary),
+        "paired_subjects": [r["subject"] for r in paired],
+        "paired_summary": paired_summary,
+        "wins": wins(paired, methods),
+        "ratios": ratios(paired_summary),
         "notes": notes,
         "subjects": per_subject,
     }
@@ -649,6 +723,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:<20} Dice {s['dice']['mean']:.4f} ± {s['dice']['std']:.4f}   folding {s['folding_pct']['mean']:.3f} %   "
               f"{s['seconds']['mean']:.1f} s/subject   peak {s['peak_mb']['mean']:.0f} MB   "
               f"|u| {s['mean_disp_mm']['mean']:.2f} mm")
+    if paired and any(m in ANTS for m in methods):
+        print(f"\nside by side on the {len(paired)} subjects every method ran on:")
+        for m in methods:
+            d = paired_summary[m]["dice"]
+            if d["n"]:
+                print(f"{m:<20} Dice {d['mean']:.4f} ± {d['std']:.4f}   {paired_summary[m]['seconds']['mean']:.1f} s/subject")
+        for k, v in result["wins"].items():
+            print(f"{k.replace(':', ' above ')} on {v['ours_higher']} of {v['n']} subjects")
     for k, v in result["ratios"].items():
         print(f"ratio {k}: {v:.3g}")
 
@@ -675,7 +757,8 @@ def markdown(res: dict) -> str:
     lines = [
         "# Atlas-based segmentation of held-out subjects",
         "",
-        f"{res['n_subjects']} IXI validation subjects of the model (split: `{res['split']}`), sorted by id. Every",
+        f"{res['n_subjects']} IXI validation subjects of the model (split: `{res['split']}`), sorted by id"
+        + (f"; the ANTs methods on the first {res['ants_n']} of them" if res.get("ants_n") is not None else "") + ". Every",
         "method gets the subject's T1 skull-stripped with its own DLMUSE mask (seg > 0) in its native grid",
         "(120 x 120 x 90, 2 mm, PSR) and returns a label map on that grid; Dice against the subject's own DLMUSE",
         "labels mapped to the 34 structures (`atlasmorph_cli.labels`), mean over the structures present, then",
@@ -740,8 +823,23 @@ def markdown(res: dict) -> str:
     if any(m in ANTS for m in methods) and res["ants_transform"] != ANTS_TRANSFORM:
         lines += ["", f"**Note**: the ANTs methods ran `type_of_transform='{res['ants_transform']}'`, not "
                   f"{ANTS_TRANSFORM}; their names are kept for the table."]
+    ants_in = [m for m in methods if m in ANTS]
+    if ants_in and res.get("paired_summary"):
+        ps = res["paired_summary"]
+        lines += ["", f"## Side by side: the {len(res['paired_subjects'])} subjects every method ran on", "",
+                  "The ANTs methods ran on the first subjects by id only (" + ", ".join(res["paired_subjects"]) + ");",
+                  "these are all methods on exactly those subjects.", "",
+                  "| method | Dice (mean ± std) | " + " | ".join(f"{g} (n)" for g in res["age_groups"])
+                  + " | folding % | s/subject | peak MB |", "|---|---|" + "---|" * (len(res["age_groups"]) + 3)]
+        for m in methods:
+            v = ps[m]
+            cells = [f"{_pm(v['dice_by_age_group'][g], '.4f')} ({v['dice_by_age_group'][g]['n']})" for g in res["age_groups"]]
+            lines.append(f"| {LABEL[m]} | {_pm(v['dice'], '.4f')} | " + " | ".join(cells)
+                         + f" | {_pm(v['folding_pct'], '.3f')} | {_pm(v['seconds'], '.1f')} | {_pm(v['peak_mb'], '.0f')} |")
+        lines += [""] + [f"- {LABEL[k.split(':')[0]]} has the higher Dice than {LABEL[k.split(':')[1]]} on "
+                         f"{v['ours_higher']} of {v['n']} subjects" for k, v in res["wins"].items()]
     if res.get("ratios"):
-        lines += ["", "Ratios of the means, ours : ANTs SyNCC to MNI152 (below 1: ours is faster / smaller):", ""]
+        lines += ["", "Ratios of the means on those subjects, ours : ANTs SyNCC to MNI152 (below 1: ours is faster / smaller):", ""]
         lines += [f"- {k.replace(':', ' : ')} = {v:.3g}" + (f" (ANTs takes {1 / v:.0f}x as long)" if k.endswith("seconds") else "")
                   for k, v in res["ratios"].items()]
     for n in res.get("notes") or []:
@@ -769,7 +867,8 @@ def markdown(res: dict) -> str:
         cells = []
         for m in methods:
             v = r["methods"].get(m, {})
-            cells.append("failed" if v.get("dice") is None else f"{v['dice']:.4f} / {v['seconds']:.1f} / {v['peak_mb']:.0f}")
+            cells.append("not run" if not v else "failed" if v.get("dice") is None
+                         else f"{v['dice']:.4f} / {v['seconds']:.1f} / {v['peak_mb']:.0f}")
         lines.append(f"| {r['subject']} | {r['age']:.1f} | {r['sex']} | " + " | ".join(cells) + " |")
     lines += ["", "![Dice per method](dice_boxplot.png)"]
     return "\n".join(lines) + "\n"

@@ -83,3 +83,47 @@ def test_split_and_subject_selection(bench, tmp_path):
             {"subject": "s4", "seg": "d", "age": "", "sex": ""}]
     assert [r["subject"] for r in bench.pick_subjects(rows, ids["validation"], None)] == ["s1", "s2"]
     assert [r["subject"] for r in bench.pick_subjects(rows, ids["validation"], 1)] == ["s1"]
+
+
+def _nifti(path: Path, data: np.ndarray) -> Path:
+    import nibabel as nib
+
+    nib.save(nib.Nifti1Image(data.astype(np.float32), np.diag([2.0, 2.0, 2.0, 1.0])), str(path))
+    return path
+
+
+def test_task_key_follows_content_not_location(bench, tmp_path):
+    """Cached results move between machines: the key sees what the files hold, not where they lie."""
+    vol = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+
+    def task(folder: Path, **kw) -> dict:
+        return {"kind": "ants", "method": "ants-syncc-mni", "subject": "S1", "transform": "SyNCC",
+                "t1": f"/data{folder}/ixi/S1_t1.nii.gz", "seg": f"/data{folder}/ixi/S1_seg.nii.gz",
+                "template": str(folder / "t.nii.gz"), "template_labels": str(folder / "l.nii.gz"),
+                "scratch": str(folder / "scratch"), "threads": 2, **kw}
+
+    for folder in (a, b):
+        _nifti(folder / "t.nii.gz", vol)
+        _nifti(folder / "l.nii.gz", vol > 10)
+    assert bench.task_key(task(a)) == bench.task_key(task(b, threads=1))
+    _nifti(b / "t.nii.gz", vol + 1)  # other content, same name
+    assert bench.task_key(task(a)) != bench.task_key(task(b))
+    assert bench.task_key(task(a)) != bench.task_key(task(a, transform="SyN"))
+    assert bench.task_key(task(a)) != bench.task_key(task(a, subject="S2"))
+
+
+def test_paired_subjects_and_wins(bench):
+    def subj(name, **dice):
+        return {"subject": name, "methods": {m: ({"error": "x"} if d is None else {"dice": d}) for m, d in dice.items()}}
+
+    subjects = [subj("s1", atlasmorph=0.8, **{"ants-syncc-mni": 0.7}),
+                subj("s2", atlasmorph=0.6, **{"ants-syncc-mni": 0.7}),
+                subj("s3", atlasmorph=0.9, **{"ants-syncc-mni": None}),  # ANTs failed
+                subj("s4", atlasmorph=0.9)]  # ANTs not run
+    methods = ["atlasmorph", "ants-syncc-mni"]
+    paired = bench.paired_subjects(subjects, methods)
+    assert [s["subject"] for s in paired] == ["s1", "s2"]
+    assert bench.wins(paired, methods) == {"atlasmorph:ants-syncc-mni": {"ours_higher": 1, "n": 2}}
