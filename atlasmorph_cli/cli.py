@@ -97,6 +97,8 @@ def train(
     w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "
+                                         "(from an earlier run) instead of a new split; --val-fraction is ignored."),
     val_every: int = typer.Option(100, min=1, help="Validate every N steps."),
     checkpoint_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
     seed: int = typer.Option(0, help="Random seed (split, sampling)."),
@@ -117,6 +119,8 @@ def train(
 
     if not data.is_file():
         raise AtlasMorphError(f"{data}: no such cohort file")
+    if split is not None and not split.is_file():
+        raise AtlasMorphError(f"--split {split}: no such file")
     if image_loss not in ("mse", "ncc"):
         raise AtlasMorphError(f"--image-loss must be mse or ncc, got '{image_loss}'")
     if device == "cuda":
@@ -128,7 +132,7 @@ def train(
     settings = TrainSettings(
         data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
         weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude),
-        image_loss=image_loss, val_fraction=val_fraction, val_every=val_every,
+        image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
     )

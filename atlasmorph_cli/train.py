@@ -50,6 +50,7 @@ class TrainSettings:
     weights: LossWeights = field(default_factory=LossWeights)
     image_loss: str = "mse"
     val_fraction: float = 0.15
+    split: Path | None = None  # a split.json of an earlier run: the same train/validation subjects
     val_every: int = 100
     val_max: int = 12
     checkpoint_every: int = 50
@@ -77,6 +78,32 @@ def split_subjects(subjects: list[Subject], fraction: float, seed: int) -> tuple
         raise AtlasMorphError("not enough subjects left for training after the validation split")
     val = set(rng.permutation(ids)[:n_val].tolist())
     return [s for s in subjects if s.id not in val], [s for s in subjects if s.id in val]
+
+
+def read_split(path: Path) -> dict[str, list[str]]:
+    """The train and validation subject ids of a split.json (as `atlasmorph train` writes it)."""
+    try:
+        d = json.loads(Path(path).read_text())
+        out = {k: [str(x) for x in d[k]] for k in ("train", "validation")}
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AtlasMorphError(f"{path}: not a split.json with 'train' and 'validation' lists ({type(exc).__name__})")
+    both = set(out["train"]) & set(out["validation"])
+    if both:
+        raise AtlasMorphError(f"{path}: {len(both)} subject(s) in both train and validation, e.g. {sorted(both)[0]}")
+    return out
+
+
+def apply_split(subjects: list[Subject], split: dict[str, list[str]]) -> tuple[list[Subject], list[Subject]]:
+    """Train and validation subjects as a given split names them; subjects it does not name are left out."""
+    have = {s.id for s in subjects}
+    missing = [i for i in split["train"] + split["validation"] if i not in have]
+    if missing:
+        raise AtlasMorphError(f"--split names {len(missing)} subject(s) the cohort lacks or that miss an attribute, "
+                              f"e.g. {missing[0]}")
+    train, val = set(split["train"]), set(split["validation"])
+    if not train:
+        raise AtlasMorphError("--split: no training subject")
+    return [s for s in subjects if s.id in train], [s for s in subjects if s.id in val]
 
 
 def usable_subjects(subjects: list[Subject], names: list[str]) -> tuple[list[Subject], list[Subject]]:
@@ -230,7 +257,13 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     if not subjects:
         raise AtlasMorphError("no subject has all of the attributes " + ", ".join(names))
     check_attribute_values(subjects, names)
-    train_subj, val_subj = split_subjects(subjects, s.val_fraction, s.seed)
+    unnamed: list[Subject] = []
+    if s.split is not None:  # the subjects of an earlier run's split (e.g. a baseline on the same data)
+        train_subj, val_subj = apply_split(subjects, read_split(s.split))
+        unnamed = [x for x in subjects if x not in train_subj and x not in val_subj]
+        subjects = train_subj + val_subj
+    else:
+        train_subj, val_subj = split_subjects(subjects, s.val_fraction, s.seed)
     encoder = init_model.config.encoder if init_model else AttributeEncoder.fit(names, [x.attrs for x in train_subj])
 
     cache = s.cache or (s.out / "cache")
@@ -254,7 +287,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         with atomic_path(s.out / "split.json") as tmp:
             tmp.write_text(json.dumps({"train": [x.id for x in train_subj], "validation": [x.id for x in val_subj],
                                        "excluded_missing_attributes": [x.id for x in dropped],
-                                       "seed": s.seed, "val_fraction": s.val_fraction}, indent=1))
+                                       "excluded_not_in_split": [x.id for x in unnamed],
+                                       "seed": s.seed, "val_fraction": s.val_fraction,
+                                       "split_from": str(s.split) if s.split else None}, indent=1))
 
     config = init_model.config if init_model else ModelConfig(
         name=s.name, grid=s.grid.to_dict(), attributes=encoder.to_dict(), template_width=s.template_width)

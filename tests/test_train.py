@@ -1,6 +1,7 @@
 """Training end to end on a tiny synthetic cohort: losses fall, validation works, resume is exact, DDP runs."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from atlasmorph_cli.errors import AtlasMorphError
 from atlasmorph_cli.model import load_model
 from atlasmorph_cli.cohort import load_prepared
 from atlasmorph_cli.train import LossWeights, TrainSettings, label_frequencies, train
@@ -91,6 +93,24 @@ def test_unconditional_model_has_no_attributes(cohort, tmp_path):
     train(settings(cohort, tmp_path / "u", steps=3, attributes=[], val_fraction=0.0), small_reference())
     m = load_model(tmp_path / "u" / "model.safetensors")
     assert m.config.encoder.width == 0 and m.config.training["n_val"] == 0
+
+
+def test_split_of_an_earlier_run_is_reused(trained, cohort, tmp_path):
+    """--split: a baseline trained on another attribute set sees exactly the same held-out subjects."""
+    first = json.loads((trained / "split.json").read_text())
+    train(settings(cohort, tmp_path / "b", steps=2, attributes=[], split=trained / "split.json"), small_reference())
+    again = json.loads((tmp_path / "b" / "split.json").read_text())
+    assert again["train"] == first["train"] and again["validation"] == first["validation"]
+    assert load_model(tmp_path / "b" / "model.safetensors").config.training["n_val"] == len(first["validation"])
+
+
+def test_bad_split_files_are_refused(cohort, tmp_path):
+    (tmp_path / "both.json").write_text(json.dumps({"train": ["s0", "s1"], "validation": ["s1"]}))
+    (tmp_path / "stranger.json").write_text(json.dumps({"train": ["s0", "nobody"], "validation": []}))
+    (tmp_path / "shape.json").write_text(json.dumps({"train": ["s0"]}))
+    for name, msg in (("both", "in both"), ("stranger", "lacks"), ("shape", "not a split.json")):
+        with pytest.raises(AtlasMorphError, match=msg):
+            train(settings(cohort, tmp_path / name, steps=1, split=tmp_path / f"{name}.json"), small_reference())
 
 
 DDP_SCRIPT = """
