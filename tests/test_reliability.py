@@ -155,6 +155,11 @@ CASES: list[tuple[str, str, list[str], str]] = [
                                        "in/model.pt"], "refusing a pickle"),
     ("train", "unknown image loss", ["train", "--data", "in/cohort.csv", "--out", "out/run", "--image-loss", "l1"],
      "--image-loss must be mse or ncc"),
+    ("train", "--split file does not exist", ["train", "--data", "in/cohort.csv", "--out", "out/run", "--split",
+                                              "in/absent.json"], "no such file"),
+    ("train", "--split names a subject not in the cohort", ["train", "--data", "in/cohort.csv", "--out", "out/run",
+                                                            "--split", "in/foreign_split.json", "--reference",
+                                                            "in/brain.nii.gz"], "the cohort lacks"),
 ]
 
 
@@ -201,6 +206,7 @@ def make_inputs(folder: Path) -> Path:
     (folder / "no_age_column.csv").write_text("subject,t1,sex\ns0,s0.nii.gz,F\ns1,s1.nii.gz,M\n")
     (folder / "age_typo.csv").write_text("subject,t1,age,sex\ns0,s0.nii.gz,40,F\ns1,s1.nii.gz,fifty,M\n"
                                          "s2,s0.nii.gz,70,F\n")
+    (folder / "foreign_split.json").write_text('{"train": ["s0", "s9"], "validation": ["s1"]}\n')
     (folder / "nan_t1.csv").write_text("subject,t1,age,sex\ns0,nan.nii.gz,40,F\n")
     return folder
 
