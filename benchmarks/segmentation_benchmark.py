@@ -554,7 +554,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="type_of_transform of the ANTs methods (default SyNCC, what the method names say; "
                          "another one, e.g. 'antsRegistrationSyNQuick[s]', is named in the report)")
     ap.add_argument("--ants-n", type=int, default=None,
-                    help="run the ANTs methods on the first N of those subjects only (10-15 min each on 2 cores)")
+                    help="run the ANTs methods on the first N of those subjects only (10-20 min each on 2 cores)")
     ap.add_argument("--results", type=Path, default=None,
                     help="folder of per-(method, subject) results, reused whenever the inputs match (default: WORK/results)")
     ap.add_argument("--work", type=Path, default=None,
