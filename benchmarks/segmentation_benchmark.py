@@ -24,7 +24,7 @@ worker process, the mean displacement (mm) of the deformable part (centrality) a
 writes <out>/segmentation.json, <out>/segmentation.md and <out>/dice_boxplot.png. ANTs (antspyx, the
 `bench` extra) is optional: without it only the AtlasMorph methods are reported. The AtlasMorph methods
 run first on every subject, then the ANTs ones (on the first --ants-n subjects only, if given: SyNCC
-takes 10-15 min per subject on 2 cores). `--results DIR` (default WORK/results) keeps every finished
+takes 10-20 min per subject on 2 cores). `--results DIR` (default WORK/results) keeps every finished
 (method, subject) result and the built ANTs template; a result is reused whenever its inputs match (the
 content of the model and template files, the subject, the method), so a run that was stopped, or one on
 another machine with the same folder, continues where the last one stopped.
