@@ -23,11 +23,13 @@ worker process, the mean displacement (mm) of the deformable part (centrality) a
 
 writes <out>/segmentation.json, <out>/segmentation.md and <out>/dice_boxplot.png. ANTs (antspyx, the
 `bench` extra) is optional: without it only the AtlasMorph methods are reported. The AtlasMorph methods
-run first on every subject, then the ANTs ones (on the first --ants-n subjects only, if given: SyNCC
-takes 10-20 min per subject on 2 cores). `--results DIR` (default WORK/results) keeps every finished
+run first on every subject, then the ANTs ones, one method at a time over the subjects (on the first
+--ants-n subjects only, if given: SyNCC takes 10-20 min per subject on 2 cores). `--results DIR` (default WORK/results) keeps every finished
 (method, subject) result and the built ANTs template; a result is reused whenever its inputs match (the
 content of the model and template files, the subject, the method), so a run that was stopped, or one on
-another machine with the same folder, continues where the last one stopped.
+another machine with the same folder, continues where the last one stopped; `--cached-only` runs
+nothing new and reports what the folder holds. Every ANTs method is compared with ours on the subjects
+that method ran on (a side-by-side section each).
 """
 from __future__ import annotations
 
@@ -465,13 +467,16 @@ def task_key(task: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def run_cached(task: dict, cache: Path | None) -> tuple[dict, bool]:
-    """The cached result of `task` if `cache` holds one for the same inputs, else a fresh run (saved there)."""
+def run_cached(task: dict, cache: Path | None, run: bool = True) -> tuple[dict | None, bool]:
+    """The cached result of `task` if `cache` holds one for the same inputs, else a fresh run (saved there);
+    (None, False) when there is none and `run` is False."""
     key = task_key(task)
     if cache is not None and cache.is_file():
         old = json.loads(cache.read_text())
         if old.get("key") == key and "error" not in old:
             return old, True
+    if not run:
+        return None, False
     rec = in_fresh_process(task)
     rec["key"] = key
     rec["measured"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
@@ -520,16 +525,30 @@ def wins(subjects: list[dict], methods: list[str]) -> dict:
     return out
 
 
-def ratios(summary: dict) -> dict:
-    """ours : ANTs SyNCC (to MNI152) for wall seconds and peak memory (give it the paired summary)."""
+def ratios(summary: dict, ants_method: str = "ants-syncc-mni") -> dict:
+    """ours : an ANTs method for wall seconds and peak memory (give it the summary over paired subjects)."""
     out = {}
-    a = summary.get("ants-syncc-mni")
+    a = summary.get(ants_method)
     for m in OURS:
         if m in summary and a:
             for k in ("seconds", "peak_mb"):
                 num, den = summary[m][k]["mean"], a[k]["mean"]
                 if num is not None and den:
-                    out[f"{m}:ants-syncc-mni {k}"] = num / den
+                    out[f"{m}:{ants_method} {k}"] = num / den
+    return out
+
+
+def side_by_side(subjects: list[dict], methods: list[str]) -> dict:
+    """For every ANTs method: ours and it on the subjects it ran on (summary, wins, ratios)."""
+    ours = [m for m in methods if m in OURS]
+    out = {}
+    for a in (m for m in methods if m in ANTS):
+        both = paired_subjects(subjects, ours + [a])
+        if not both:
+            continue
+        summ = summarise(both, ours + [a])
+        out[a] = {"subjects": [s["subject"] for s in both], "methods": ours + [a], "summary": summ,
+                  "wins": wins(both, ours + [a]), "ratios": ratios(summ, a)}
     return out
 
 
@@ -555,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                          "another one, e.g. 'antsRegistrationSyNQuick[s]', is named in the report)")
     ap.add_argument("--ants-n", type=int, default=None,
                     help="run the ANTs methods on the first N of those subjects only (10-20 min each on 2 cores)")
+    ap.add_argument("--cached-only", action="store_true",
+                    help="run nothing new: report only the results the --results folder already holds")
     ap.add_argument("--results", type=Path, default=None,
                     help="folder of per-(method, subject) results, reused whenever the inputs match (default: WORK/results)")
     ap.add_argument("--work", type=Path, default=None,
@@ -640,7 +661,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             for m in ms:
                 cache = results_dir / m / f"{r['subject']}.json" if results_dir else None
-                res, cached = run_cached(make_task(m, r), cache)
+                res, cached = run_cached(make_task(m, r), cache, run=not args.cached_only)
+                if res is None:  # --cached-only and not in the results folder
+                    continue
                 res.pop("key", None)
                 rec["methods"][m] = res
                 head = f"{r['subject']:<16} {float(r['age']):5.1f} {r['sex']:>3} {short[m]:<11}"
@@ -668,9 +691,11 @@ def main(argv: list[str] | None = None) -> int:
                 "out_template": str(built[0]), "out_labels": str(built[1]), "log": str(work / "build_template.log")}
         print(f"building an ANTs template from {len(train_rows)} training subjects "
               f"({args.template_iterations} iterations) ...", flush=True)
-        template_build, cached = run_cached(task, home / "build.json")
+        template_build, cached = run_cached(task, home / "build.json", run=not args.cached_only)
         if cached and not all(p.is_file() for p in built):
-            template_build, _ = run_cached(task, None)
+            template_build, _ = run_cached(task, None, run=not args.cached_only)
+        if template_build is None:
+            template_build = {"error": "not in the results folder (--cached-only)"}
         template_build.pop("key", None)
         template_build["subjects"] = [r["subject"] for r in train_rows]
         if "error" in template_build:
@@ -680,7 +705,14 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"  built in {template_build['build_seconds']:.0f} s, labels in "
                   f"{template_build['label_seconds']:.0f} s, peak {template_build['peak_mb']:.0f} MB", flush=True)
-    run_all([m for m in methods if m in ANTS], ants_val)
+    for m in (m for m in methods if m in ANTS):  # one method over all its subjects, then the next
+        run_all([m], ants_val)
+    if args.cached_only:
+        missing = [f"{m} on {sum(m not in r['methods'] for r in per_subject)}" for m in methods
+                   if any(m not in r["methods"] for r in per_subject)]
+        if missing:
+            notes.append("Not run yet (reported from the results folder only, `--cached-only`): "
+                         + ", ".join(missing) + " subjects.")
 
     summary = summarise(per_subject, methods)
     paired = paired_subjects(per_subject, methods)
@@ -700,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         "methods": methods,
         "ants_transform": args.ants_transform,
         "ants_n": len(ants_val) if any(m in ANTS for m in methods) and len(ants_val) < len(val) else None,
+        "cached_only": args.cached_only,
         "ants_working_resolution_mm": ANTS_WORKING_MM,
         "template_build": template_build,
         "age_groups": [g for g, _, _ in AGE_GROUPS],
@@ -708,8 +741,7 @@ def main(argv: list[str] | None = None) -> int:
         "summary": summary,
         "paired_subjects": [r["subject"] for r in paired],
         "paired_summary": paired_summary,
-        "wins": wins(paired, methods),
-        "ratios": ratios(paired_summary),
+        "side_by_side": side_by_side(per_subject, methods),
         "notes": notes,
         "subjects": per_subject,
     }
@@ -723,16 +755,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{m:<20} Dice {s['dice']['mean']:.4f} ± {s['dice']['std']:.4f}   folding {s['folding_pct']['mean']:.3f} %   "
               f"{s['seconds']['mean']:.1f} s/subject   peak {s['peak_mb']['mean']:.0f} MB   "
               f"|u| {s['mean_disp_mm']['mean']:.2f} mm")
-    if paired and any(m in ANTS for m in methods):
-        print(f"\nside by side on the {len(paired)} subjects every method ran on:")
-        for m in methods:
-            d = paired_summary[m]["dice"]
-            if d["n"]:
-                print(f"{m:<20} Dice {d['mean']:.4f} ± {d['std']:.4f}   {paired_summary[m]['seconds']['mean']:.1f} s/subject")
-        for k, v in result["wins"].items():
+    for a, sb in result["side_by_side"].items():
+        print(f"\nside by side with {a} on the {len(sb['subjects'])} subjects it ran on:")
+        for m in sb["methods"]:
+            d = sb["summary"][m]["dice"]
+            print(f"{m:<20} Dice {d['mean']:.4f} ± {d['std']:.4f}   {sb['summary'][m]['seconds']['mean']:.1f} s/subject")
+        for k, v in sb["wins"].items():
             print(f"{k.replace(':', ' above ')} on {v['ours_higher']} of {v['n']} subjects")
-    for k, v in result["ratios"].items():
-        print(f"ratio {k}: {v:.3g}")
+        for k, v in sb["ratios"].items():
+            print(f"ratio {k}: {v:.3g}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "segmentation.json").write_text(json.dumps(result, indent=1) + "\n")
@@ -823,25 +854,30 @@ def markdown(res: dict) -> str:
     if any(m in ANTS for m in methods) and res["ants_transform"] != ANTS_TRANSFORM:
         lines += ["", f"**Note**: the ANTs methods ran `type_of_transform='{res['ants_transform']}'`, not "
                   f"{ANTS_TRANSFORM}; their names are kept for the table."]
-    ants_in = [m for m in methods if m in ANTS]
-    if ants_in and res.get("paired_summary"):
-        ps = res["paired_summary"]
-        lines += ["", f"## Side by side: the {len(res['paired_subjects'])} subjects every method ran on", "",
-                  "The ANTs methods ran on the first subjects by id only (" + ", ".join(res["paired_subjects"]) + ");",
-                  "these are all methods on exactly those subjects.", "",
-                  "| method | Dice (mean ± std) | " + " | ".join(f"{g} (n)" for g in res["age_groups"])
-                  + " | folding % | s/subject | peak MB |", "|---|---|" + "---|" * (len(res["age_groups"]) + 3)]
-        for m in methods:
-            v = ps[m]
+    def paired_table(ms: list[str], summ: dict) -> list[str]:
+        out = ["| method | Dice (mean ± std) | " + " | ".join(f"{g} (n)" for g in res["age_groups"])
+               + " | folding % | s/subject | peak MB | mean displacement mm |", "|---|---|" + "---|" * (len(res["age_groups"]) + 4)]
+        for m in ms:
+            v = summ[m]
             cells = [f"{_pm(v['dice_by_age_group'][g], '.4f')} ({v['dice_by_age_group'][g]['n']})" for g in res["age_groups"]]
-            lines.append(f"| {LABEL[m]} | {_pm(v['dice'], '.4f')} | " + " | ".join(cells)
-                         + f" | {_pm(v['folding_pct'], '.3f')} | {_pm(v['seconds'], '.1f')} | {_pm(v['peak_mb'], '.0f')} |")
+            out.append(f"| {LABEL[m]} | {_pm(v['dice'], '.4f')} | " + " | ".join(cells)
+                       + f" | {_pm(v['folding_pct'], '.3f')} | {_pm(v['seconds'], '.1f')} | {_pm(v['peak_mb'], '.0f')}"
+                       + f" | {_pm(v['mean_disp_mm'], '.2f')} |")
+        return out
+
+    for a, sb in (res.get("side_by_side") or {}).items():
+        lines += ["", f"## Side by side with {LABEL[a]}: the {len(sb['subjects'])} subjects it ran on", "",
+                  "Subjects: " + ", ".join(sb["subjects"]) + ".", ""]
+        lines += paired_table(sb["methods"], sb["summary"])
         lines += [""] + [f"- {LABEL[k.split(':')[0]]} has the higher Dice than {LABEL[k.split(':')[1]]} on "
-                         f"{v['ours_higher']} of {v['n']} subjects" for k, v in res["wins"].items()]
-    if res.get("ratios"):
-        lines += ["", "Ratios of the means on those subjects, ours : ANTs SyNCC to MNI152 (below 1: ours is faster / smaller):", ""]
-        lines += [f"- {k.replace(':', ' : ')} = {v:.3g}" + (f" (ANTs takes {1 / v:.0f}x as long)" if k.endswith("seconds") else "")
-                  for k, v in res["ratios"].items()]
+                         f"{v['ours_higher']} of {v['n']} subjects" for k, v in sb["wins"].items()]
+        lines += [f"- ratio of the means, {k.split(':')[0]} : {k.split(':')[1]} = {v:.3g}"
+                  + (f" (ANTs takes {1 / v:.0f}x as long)" if k.endswith("seconds") else "")
+                  for k, v in sb["ratios"].items()]
+    if sum(m in ANTS for m in methods) > 1 and res.get("paired_subjects"):
+        lines += ["", f"## All methods on the {len(res['paired_subjects'])} subjects every method ran on", "",
+                  "Subjects: " + ", ".join(res["paired_subjects"]) + ".", ""]
+        lines += paired_table(methods, res["paired_summary"])
     for n in res.get("notes") or []:
         lines += ["", n]
     lines += ["", "## Dice by age group", "", "| method | " + " | ".join(f"{g} (n)" for g in res["age_groups"]) + " |",

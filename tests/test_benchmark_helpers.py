@@ -127,3 +127,39 @@ def test_paired_subjects_and_wins(bench):
     paired = bench.paired_subjects(subjects, methods)
     assert [s["subject"] for s in paired] == ["s1", "s2"]
     assert bench.wins(paired, methods) == {"atlasmorph:ants-syncc-mni": {"ours_higher": 1, "n": 2}}
+
+
+def test_side_by_side_per_ants_method(bench):
+    """Each ANTs method is compared with ours on the subjects it ran on, not only where all methods ran."""
+    def subj(name, **res):
+        return {"subject": name, "age": 30.0,
+                "methods": {m: {"dice": d, "seconds": t, "peak_mb": 500.0,
+                                "dice_per_structure": dict.fromkeys(bench.NAMES, d),
+                                "folding_pct": 0.0, "cpu_seconds": t, "load_seconds": 0.1, "mean_disp_mm": 2.0}
+                            for m, (d, t) in res.items()}}
+
+    subjects = [subj("s1", atlasmorph=(0.8, 4.0), **{"ants-syncc-mni": (0.7, 400.0), "ants-syncc-built": (0.9, 800.0)}),
+                subj("s2", atlasmorph=(0.8, 4.0), **{"ants-syncc-mni": (0.9, 600.0)}),
+                subj("s3", atlasmorph=(0.8, 4.0))]
+    methods = ["atlasmorph", "ants-syncc-mni", "ants-syncc-built"]
+    sb = bench.side_by_side(subjects, methods)
+    assert sb["ants-syncc-mni"]["subjects"] == ["s1", "s2"]
+    assert sb["ants-syncc-built"]["subjects"] == ["s1"]
+    assert sb["ants-syncc-mni"]["wins"] == {"atlasmorph:ants-syncc-mni": {"ours_higher": 1, "n": 2}}
+    assert sb["ants-syncc-built"]["wins"] == {"atlasmorph:ants-syncc-built": {"ours_higher": 0, "n": 1}}
+    assert math.isclose(sb["ants-syncc-mni"]["ratios"]["atlasmorph:ants-syncc-mni seconds"], 4.0 / 500.0)
+    assert math.isclose(sb["ants-syncc-built"]["ratios"]["atlasmorph:ants-syncc-built seconds"], 4.0 / 800.0)
+    assert math.isclose(sb["ants-syncc-mni"]["summary"]["ants-syncc-mni"]["dice"]["mean"], 0.8)
+
+
+def test_run_cached_without_running(bench, tmp_path):
+    """--cached-only: a task without a stored result is not run."""
+    task = {"kind": "ants", "method": "ants-syncc-mni", "subject": "S1", "transform": "SyNCC",
+            "t1": "/x/S1_t1.nii.gz", "seg": "/x/S1_seg.nii.gz", "template": str(tmp_path / "none.nii.gz"),
+            "template_labels": str(tmp_path / "none.nii.gz"), "scratch": str(tmp_path), "threads": 1}
+    cache = tmp_path / "ants-syncc-mni" / "S1.json"
+    assert bench.run_cached(task, cache, run=False) == (None, False)
+    cache.parent.mkdir()
+    cache.write_text(json.dumps({"key": bench.task_key(task), "dice": 0.75}))
+    rec, cached = bench.run_cached(task, cache, run=False)
+    assert cached and rec["dice"] == 0.75
