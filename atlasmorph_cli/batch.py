@@ -209,6 +209,7 @@ def run_batch(
     vol: Path | None = None,
     model_path: Path | None = None,
     threads: int | None = None,
+    refine: int | None = None,
     warn: Callable[[list[str]], None] = lambda m: None,
     on_subject: Callable[[int, BatchSubject, str | None], None] | None = None,
     quiet: bool = False,
@@ -216,10 +217,10 @@ def run_batch(
     """Run `register` or `segment` over every subject of `source`; raise if any subject failed.
 
     `on_subject(i, subject, error)` is called after each subject (error None on success); the
-    benchmarks use it to sample memory.
+    benchmarks use it to sample memory. `refine`: instance-optimisation steps (None: the default).
     """
     from .commands import register_writes, write_volumes
-    from .pipeline import encode_attributes, load, register
+    from .pipeline import REFINE_STEPS, encode_attributes, load, register
     from .warpio import WARP_FORMATS
 
     if command not in DEFAULT_OUTPUTS:
@@ -257,7 +258,7 @@ def run_batch(
                 warn([f"sub-{s.label}: {w}" for w in warnings])
                 subj = load_volume(s.t1)
                 mask = load_volume(s.mask) if s.mask else None
-                reg = register(model, subj, vec, mask)
+                reg = register(model, subj, vec, mask, refine=REFINE_STEPS if refine is None else refine)
                 if command == "register":
                     paths = {n: out_dir / s.name(REGISTER_OUTPUTS[n]) for n in names}
                     writes = register_writes(reg, warp_format, paths.get("moved"), paths.get("template"),

@@ -24,6 +24,7 @@ from . import __version__
 from .commands import attribute_values
 from .errors import AtlasMorphError
 from .loss_weights import LossWeights
+from .pipeline import REFINE_STEPS
 
 err = Console(stderr=True)
 app = typer.Typer(
@@ -37,6 +38,8 @@ app = typer.Typer(
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
 ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: all cores).")
+RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
+                         "for this subject (about 0.1 s each; 0: the network's warp as is).")
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
 SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
 AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
@@ -179,6 +182,7 @@ def register(
     warp_format: str = typer.Option("fs", "--warp-format", help="fs (RAS mm, intent 1006) or itk (LPS, 1007)."),
     model: Optional[Path] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
+    refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
                                           "template, warp, inverse, affine, labels, jacobian (default moved,warp,labels)."),
@@ -192,10 +196,10 @@ def register(
         check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
                            "--labels": labels, "--jacobian": jacobian, "--mask": mask})
         run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
-                  model_path=model, threads=threads, warn=_warn)
+                  model_path=model, threads=threads, refine=refine, warn=_warn)
         return
     run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
-                 labels, jacobian, warp_format, model, threads, _warn)
+                 labels, jacobian, warp_format, model, threads, _warn, refine=refine)
 
 
 # ----------------------------------------------------------------------------------------- segment
@@ -215,6 +219,7 @@ def segment(
                                        "row per subject, default OUT_DIR/volumes.csv)."),
     model: Optional[Path] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
+    refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg "
                                           "(default dseg)."),
@@ -227,11 +232,11 @@ def segment(
 
         check_single_only({"-o": output, "--probs": probs, "--mask": mask})
         run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
-                  threads=threads, warn=_warn)
+                  threads=threads, refine=refine, warn=_warn)
         return
     if output is None:
         ctx.fail("Missing option '-o' / '--output'.")
-    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn)
+    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine)
 
 
 def _one_line(text: str) -> str:

@@ -15,7 +15,7 @@ import numpy as np
 from .errors import AtlasMorphError
 from .io import Volume, all_or_nothing, atomic_path, check_output_dir, load_volume, save_volume, suffix_of
 from .labels import STRUCTURES
-from .pipeline import encode_attributes, load, make_template, register
+from .pipeline import REFINE_STEPS, encode_attributes, load, make_template, register
 from .space import MODEL_GRID, resample
 from .warpio import WARP_FORMATS, save_displacement, save_itk_affine
 
@@ -128,7 +128,7 @@ def _load_inputs(image: Path, mask: Path | None) -> tuple[Volume, Volume | None]
 
 
 def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine_out, labels, jacobian,
-                 warp_format, model_path, threads, warn: Warn) -> None:
+                 warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS) -> None:
     if warp_format not in WARP_FORMATS:
         raise AtlasMorphError(f"--warp-format must be one of {', '.join(WARP_FORMATS)}, got '{warp_format}'")
     outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian])
@@ -140,7 +140,7 @@ def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine
     warn(warnings)
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
-    reg = register(model, subj, vec, m)
+    reg = register(model, subj, vec, m, refine=refine)
     writes = register_writes(reg, warp_format, moved, template_out, trans, inverse, affine_out, labels, jacobian)
     with all_or_nothing():
         for w in writes:
@@ -182,7 +182,8 @@ def write_volumes(path: Path, rows: list[tuple[str, np.ndarray]], voxel_mm3: lis
             w.writerow([sid, f"{v.sum():.1f}", *[f"{x:.1f}" for x in v]])
 
 
-def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn) -> None:
+def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn,
+                refine: int = REFINE_STEPS) -> None:
     _check_outputs([output, probs, vol])
     subj, m = _load_inputs(image, mask)
     _, model = load(model_path, threads)
@@ -190,7 +191,7 @@ def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, war
     warn(warnings)
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
-    reg = register(model, subj, vec, m)
+    reg = register(model, subj, vec, m, refine=refine)
     seg, sums = reg.labels_to_native()
     p = np.moveaxis(reg.probs_to_native(), 0, -1) if probs else None
     with all_or_nothing():

@@ -77,6 +77,8 @@ class _SubjectInputSpec(_ModelInputSpec):
     in_file = File(exists=True, mandatory=True, argstr="%s", position=0,
                    desc="brain-extracted T1 (or whole-head with mask_file), any orientation")
     mask_file = File(exists=True, argstr="--mask %s", desc="brain mask on the image's grid")
+    refine = traits.Range(low=0, argstr="--refine %d",
+                          desc="instance-optimisation steps on the network's warp (default: the command's, 10)")
 
 
 class _AtlasMorphCommand(CommandLine):

@@ -6,7 +6,7 @@ into whichever grid an output lives on.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
@@ -18,12 +18,19 @@ from .errors import AtlasMorphError
 from .intensity import normalize
 from .io import Volume
 from .labels import to_freesurfer
+from .loss_weights import LossWeights
 from .model import AtlasMorph, load_model, verify_shipped
 from .nn.layers import jacobian_determinant, sample_at
+from .nn.networks import velocity_to_displacements
+from .refine import refine_velocity
 from .space import Grid, grid_coords, resample, voxel_map
 
 MODEL_GLOB = "atlasmorph-*.safetensors"
 CHUNK_VOXELS = 1 << 20  # native outputs are computed in slabs of about a million voxels
+# test-time refinement of the RegNet's velocity: chosen on 14 training subjects of the shipped model
+# (benchmarks/refine_sweep.py, docs/benchmarks.md), +0.019 mean Dice there for about 1 s
+REFINE_STEPS = 10
+REFINE_LR = 0.03
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -222,15 +229,28 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 
 
 @torch.no_grad()
-def register(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volume | None = None) -> Registration:
-    """Affine + deformable registration of a subject to its attribute-matched template."""
+def register(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volume | None = None,
+             refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR) -> Registration:
+    """Affine + deformable registration of a subject to its attribute-matched template; `refine` > 0
+    adds that many instance-optimisation steps (Adam, `refine_lr`) on the RegNet's velocity (refine.py)."""
     tmpl = make_template(model, attrs)
     m, brain = subject_brain(subject, mask)
     fixed = tmpl.t1 * (tmpl.probs[0] < 0.5)
     world = fit_affine(brain, subject.affine, fixed, tmpl.grid)
     x = torch.from_numpy(resample(brain, subject.affine, tmpl.grid, world=world))[None, None]
-    reg = model.register(x, torch.from_numpy(tmpl.t1)[None, None])
+    t1 = torch.from_numpy(tmpl.t1)[None, None]
+    reg = model.register(x, t1)
+    if refine:
+        vel = refine_velocity(reg["vel"], x, t1, refine, lr=refine_lr, **refine_weights(model))
+        reg = dict(zip(("fwd", "inv"), velocity_to_displacements(vel, model.config.int_steps)))
     return Registration(tmpl, world, reg["fwd"][0], reg["inv"][0], subject, brain)
+
+
+def refine_weights(model: AtlasMorph) -> dict:
+    """Image and smoothness weights and image loss the model was trained with (defaults if unrecorded)."""
+    w = {**asdict(LossWeights()), **(model.config.loss_weights or {})}
+    return {"w_image": float(w["image"]), "w_smooth": float(w["smooth"]),
+            "image_loss": model.config.training.get("image_loss", "mse"), "int_steps": model.config.int_steps}
 
 
 def load(path: Path | None, threads: int | None = None) -> tuple[Path, AtlasMorph]:

@@ -218,7 +218,7 @@ def _ours(task: dict) -> dict:
 
     t0, c0 = time.perf_counter(), time.process_time()
     vec, _ = pipeline.encode_attributes(model, attrs)
-    reg = pipeline.register(model, brain, vec, mask_vol)
+    reg = pipeline.register(model, brain, vec, mask_vol, refine=task["refine"], refine_lr=task["refine_lr"])
     seg, _ = reg.labels_to_native()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
@@ -574,6 +574,8 @@ def main(argv: list[str] | None = None) -> int:
                          "another one, e.g. 'antsRegistrationSyNQuick[s]', is named in the report)")
     ap.add_argument("--ants-n", type=int, default=None,
                     help="run the ANTs methods on the first N of those subjects only (10-20 min each on 2 cores)")
+    ap.add_argument("--refine", type=int, default=None,
+                    help="instance-optimisation steps of the AtlasMorph methods (default: what `atlasmorph segment` does)")
     ap.add_argument("--cached-only", action="store_true",
                     help="run nothing new: report only the results the --results folder already holds")
     ap.add_argument("--results", type=Path, default=None,
@@ -587,9 +589,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from atlasmorph_cli.datadir import find_data_dir
     from atlasmorph_cli.errors import AtlasMorphError
-    from atlasmorph_cli.pipeline import resolve_model
+    from atlasmorph_cli.pipeline import REFINE_LR, REFINE_STEPS, resolve_model
 
     torch.set_num_threads(args.threads)
+    if args.refine is None:
+        args.refine = REFINE_STEPS
     data_dir = args.data or find_data_dir()
     if data_dir is None or not (data_dir / "ixi" / "subjects.csv").exists():
         print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
@@ -643,8 +647,9 @@ def main(argv: list[str] | None = None) -> int:
                 "t1": str(ixi / r["t1"]), "seg": str(ixi / r["seg"])}
         if m in OURS:
             model = args.baseline if m == "atlasmorph-baseline" else model_path
-            return {**base, "kind": "ours", "method": m, "model": str(Path(model).resolve()),
-                    "conditional": m == "atlasmorph", "attrs": {"age": float(r["age"]), "sex": r["sex"]}}
+            return {**base, "kind": "ours", "method": m, "model": str(Path(model).resolve()), "refine": args.refine,
+                    "refine_lr": REFINE_LR, "conditional": m == "atlasmorph",
+                    "attrs": {"age": float(r["age"]), "sex": r["sex"]}}
         tmpl = (mni_t1, mni_labels) if m == "ants-syncc-mni" else built
         return {**base, "kind": "ants", "method": m, "transform": args.ants_transform,
                 "template": str(tmpl[0]), "template_labels": str(tmpl[1])}
@@ -733,6 +738,8 @@ def main(argv: list[str] | None = None) -> int:
         "ants_transform": args.ants_transform,
         "ants_n": len(ants_val) if any(m in ANTS for m in methods) and len(ants_val) < len(val) else None,
         "cached_only": args.cached_only,
+        "refine": args.refine,
+        "refine_lr": REFINE_LR,
         "ants_working_resolution_mm": ANTS_WORKING_MM,
         "template_build": template_build,
         "age_groups": [g for g, _, _ in AGE_GROUPS],
@@ -796,7 +803,9 @@ def markdown(res: dict) -> str:
         "mean ± std over subjects.",
         "",
         "- **AtlasMorph (age, sex)**: `pipeline.register` + `Registration.labels_to_native` with the subject's true",
-        "  age and sex, i.e. what `atlasmorph segment brain.nii.gz --mask seg.nii.gz --age A --sex S` computes.",
+        "  age and sex, i.e. what `atlasmorph segment brain.nii.gz --mask seg.nii.gz --age A --sex S` computes"
+        + (f", with {res['refine']} instance-optimisation steps (lr {res['refine_lr']:g}) on the network's velocity"
+           f" (`--refine {res['refine']}`)." if res.get("refine") else ", the network's warp as is (`--refine 0`)."),
         "- **AtlasMorph, average template**: the same model without attributes (mean age, equal sex mix).",
         "- **AtlasMorph, unconditional model**: a model trained with `--attributes none` (when given).",
         f"- **ANTs SyNCC to MNI152**: `ants.registration(fixed=subject, moving=MNI152 brain, type_of_transform='{res['ants_transform']}')`",

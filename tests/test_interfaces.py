@@ -71,6 +71,9 @@ def test_segment_cmdline_threads_and_scheduling(t1, tmp_path, monkeypatch):
     assert s._list_outputs()["seg_file"] == str(tmp_path / "seg.mgz")
     s2 = Segment(in_file=str(t1))
     assert "-o s01_T1w_dseg.nii.gz" in s2.cmdline
+    assert "--refine" not in s2.cmdline  # the command's default applies
+    s2.inputs.refine = 0
+    assert "--refine 0" in s2.cmdline
     node = Node(Segment(in_file=str(t1), num_threads=4, use_gpu=False), name="seg")
     assert node.n_procs == 4 and not node.is_gpu_node()
     assert Node(Segment(in_file=str(t1), use_gpu=True), name="g").is_gpu_node()
