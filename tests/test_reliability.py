@@ -111,6 +111,8 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("segment", "4D image with 3 frames", ["segment", "in/frames4d.nii.gz", *AGE, *MODEL, "-o", "out/s.nii.gz"],
      "4D image with 3 frames"),
     ("segment", "NaN voxels", ["segment", "in/nan.nii.gz", *AGE, *MODEL, "-o", "out/s.nii.gz"], "NaN or Inf"),
+    ("segment", "negative --refine", ["segment", "in/brain.nii.gz", *AGE, *MODEL, "--refine", "-1", "-o",
+                                      "out/s.nii.gz"], "Invalid value for '--refine'"),
     ("segment", "mask on another grid", ["segment", "in/brain.nii.gz", "--mask", "in/mask_other_grid.nii.gz", *AGE,
                                          *MODEL, "-o", "out/s.nii.gz"], "mask is on another grid"),
     ("segment", "unknown sex", ["segment", "in/brain.nii.gz", "--age", "50", "--sex", "unknown", *MODEL, "-o",
