@@ -22,15 +22,11 @@ from .loss_weights import LossWeights
 from .model import AtlasMorph, load_model, verify_shipped
 from .nn.layers import jacobian_determinant, sample_at
 from .nn.networks import velocity_to_displacements
-from .refine import refine_velocity
+from .refine import REFINE_LR, REFINE_STEPS, refine_velocity
 from .space import Grid, grid_coords, resample, voxel_map
 
 MODEL_GLOB = "atlasmorph-*.safetensors"
 CHUNK_VOXELS = 1 << 20  # native outputs are computed in slabs of about a million voxels
-# test-time refinement of the RegNet's velocity: chosen on 14 training subjects of the shipped model
-# (benchmarks/refine_sweep.py, docs/benchmarks.md), +0.019 mean Dice there for about 1 s
-REFINE_STEPS = 10
-REFINE_LR = 0.03
 
 
 # ----------------------------------------------------------------------------------------- the model
@@ -239,11 +235,11 @@ def register(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volu
     world = fit_affine(brain, subject.affine, fixed, tmpl.grid)
     x = torch.from_numpy(resample(brain, subject.affine, tmpl.grid, world=world))[None, None]
     t1 = torch.from_numpy(tmpl.t1)[None, None]
-    reg = model.register(x, t1)
+    vel = model.reg_net(x, t1)
     if refine:
-        vel = refine_velocity(reg["vel"], x, t1, refine, lr=refine_lr, **refine_weights(model))
-        reg = dict(zip(("fwd", "inv"), velocity_to_displacements(vel, model.config.int_steps)))
-    return Registration(tmpl, world, reg["fwd"][0], reg["inv"][0], subject, brain)
+        vel = refine_velocity(vel, x, t1, refine, lr=refine_lr, **refine_weights(model))
+    fwd, inv, _ = velocity_to_displacements(vel, model.config.int_steps)
+    return Registration(tmpl, world, fwd[0], inv[0], subject, brain)
 
 
 def refine_weights(model: AtlasMorph) -> dict:

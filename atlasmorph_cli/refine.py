@@ -11,6 +11,11 @@ import torch
 from .nn.layers import integrate_velocity, resize_field, warp
 from .nn.losses import gradient_l2, local_ncc, mse
 
+# the default of `register`/`segment`: chosen on 14 training subjects of the shipped model
+# (benchmarks/refine_sweep.py, docs/benchmarks.md), +0.019 mean Dice there for about 1 s
+REFINE_STEPS = 10
+REFINE_LR = 0.03
+
 
 def refine_velocity(
     vel_half: torch.Tensor,
@@ -18,7 +23,7 @@ def refine_velocity(
     template_t1: torch.Tensor,
     steps: int,
     *,
-    lr: float = 0.05,
+    lr: float = REFINE_LR,
     w_image: float = 100.0,
     w_smooth: float = 1.0,
     image_loss: str = "mse",

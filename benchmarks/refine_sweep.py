@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         line = [f"{r['subject']:<16} {float(r['age']):5.1f}"]
         for s, lr in settings:
             t0 = time.perf_counter()
-            reg = pipeline.register(model, brain, vec, mask_vol, refine=s, refine_lr=lr or 0.05)
+            reg = pipeline.register(model, brain, vec, mask_vol, refine=s, refine_lr=lr or pipeline.REFINE_LR)
             seg, _ = reg.labels_to_native()
             wall = time.perf_counter() - t0
             d = _score(labels.to_index(seg, "freesurfer"), truth)["dice"]
