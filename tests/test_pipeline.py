@@ -135,3 +135,23 @@ def test_refinement_lowers_the_image_loss_on_a_real_subject(mni_model, subject):
     loss = {k: mse(warp(t1, r.fwd[None]), x).item() for k, r in (("plain", plain), ("refined", refined))}
     assert loss["refined"] < 0.9 * loss["plain"], loss
     assert refined.fwd.abs().max() > 0.1  # it did move
+
+
+@pytest.mark.parametrize("extra,expect", [([], 10), (["--refine", "0"], 0), (["--refine", "3"], 3)])
+def test_refine_option_reaches_the_registration(tmp_path, mni_model, subject, monkeypatch, extra, expect):
+    """`segment --refine N` hands N to the registration (10 when not given); nothing is written when it stops."""
+    from atlasmorph_cli import commands
+    from atlasmorph_cli.errors import AtlasMorphError
+
+    seen = {}
+
+    def fake_register(*args, refine, **kw):
+        seen["refine"] = refine
+        raise AtlasMorphError("stopped after the option check")
+
+    monkeypatch.setattr(commands, "register", fake_register)
+    path, _, row = subject
+    r = runner.invoke(app, [str(a) for a in ("segment", path, "--age", row["age"], "--sex", row["sex"], "--model",
+                                             mni_model, "-o", tmp_path / "seg.nii.gz", *extra)])
+    assert r.exit_code == 1 and seen == {"refine": expect}
+    assert not (tmp_path / "seg.nii.gz").exists()
