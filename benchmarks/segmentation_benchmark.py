@@ -928,6 +928,11 @@ def _merged_structures() -> list[tuple[str, list[str]]]:
     return list(groups.items())
 
 
+def box_labels(methods: list[str], counts: list[int]) -> list[str]:
+    """One-line tick label per method with its number of subjects (the slow ANTs methods may have fewer)."""
+    return [f"{TICK[m]} (n = {n})".replace("\n", " ") for m, n in zip(methods, counts)]
+
+
 def boxplot(res: dict, path: Path) -> Path:
     """Mean Dice per subject for each method (left) and per structure, left and right pooled (right)."""
     import matplotlib
@@ -937,7 +942,7 @@ def boxplot(res: dict, path: Path) -> Path:
 
     methods = res["methods"]
     colours = plt.get_cmap("tab10").colors
-    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(17, 5.2), gridspec_kw={"width_ratios": [1, 4.2]})
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(17, 5.6), gridspec_kw={"width_ratios": [1.3, 4.2]})
     data = [[r["methods"][m]["dice"] for r in res["subjects"] if r["methods"].get(m, {}).get("dice") is not None]
             for m in methods]
     bp = ax0.boxplot(data, patch_artist=True, widths=0.6)
@@ -946,10 +951,10 @@ def boxplot(res: dict, path: Path) -> Path:
         patch.set_alpha(0.6)
     for k, d in enumerate(data):
         ax0.scatter(np.full(len(d), k + 1.0) + np.linspace(-0.12, 0.12, len(d)), d, s=8, color="k", zorder=3)
-    ax0.set_xticks(range(1, len(methods) + 1), [TICK[m] for m in methods],
-                   fontsize=8)
+    ax0.set_xticks(range(1, len(methods) + 1), box_labels(methods, [len(d) for d in data]),
+                   rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
     ax0.set_ylabel("mean Dice over 34 structures")
-    ax0.set_title(f"{res['n_subjects']} validation subjects", fontsize=10)
+    ax0.set_title("per validation subject", fontsize=10)
     ax0.grid(axis="y", alpha=0.3)
 
     groups = _merged_structures()

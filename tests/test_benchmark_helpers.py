@@ -163,3 +163,15 @@ def test_run_cached_without_running(bench, tmp_path):
     cache.write_text(json.dumps({"key": bench.task_key(task), "dice": 0.75}))
     rec, cached = bench.run_cached(task, cache, run=False)
     assert cached and rec["dice"] == 0.75
+
+
+def test_boxplot_labels_count_subjects_per_method(bench, tmp_path):
+    assert bench.box_labels(["atlasmorph", "ants-syncc-built"], [23, 3]) == [
+        "AtlasMorph (age, sex) (n = 23)", "ANTs SyNCC built template (n = 3)"]
+    # a figure from a result where one method ran on fewer subjects
+    dps = {n: 0.8 for n in bench.NAMES}
+    subjects = [{"subject": f"s{i}", "age": 30 + i, "methods": {
+        "atlasmorph": {"dice": 0.80 + 0.01 * i, "dice_per_structure": dps},
+        **({"ants-syncc-mni": {"dice": 0.77, "dice_per_structure": dps}} if i < 2 else {})}} for i in range(4)]
+    out = bench.boxplot({"methods": ["atlasmorph", "ants-syncc-mni"], "subjects": subjects}, tmp_path / "b.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
