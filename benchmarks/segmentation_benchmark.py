@@ -77,9 +77,9 @@ LABEL = {
     "ants-syncc-mni": "ANTs SyNCC to MNI152",
     "ants-syncc-built": "ANTs SyNCC to built template",
 }
-TICK = {"atlasmorph": "AtlasMorph\n(age, sex)", "atlasmorph-average": "AtlasMorph\naverage",
-        "atlasmorph-baseline": "AtlasMorph\nunconditional", "ants-syncc-mni": "ANTs SyNCC\nMNI152",
-        "ants-syncc-built": "ANTs SyNCC\nbuilt template"}
+TICK = {"atlasmorph": "AtlasMorph (age, sex)", "atlasmorph-average": "AtlasMorph average",
+        "atlasmorph-baseline": "AtlasMorph unconditional", "ants-syncc-mni": "ANTs SyNCC MNI152",
+        "ants-syncc-built": "ANTs SyNCC built template"}
 
 
 # ------------------------------------------------------------------------------------ pure helpers
@@ -930,7 +930,7 @@ def _merged_structures() -> list[tuple[str, list[str]]]:
 
 def box_labels(methods: list[str], counts: list[int]) -> list[str]:
     """One-line tick label per method with its number of subjects (the slow ANTs methods may have fewer)."""
-    return [f"{TICK[m]} (n = {n})".replace("\n", " ") for m, n in zip(methods, counts)]
+    return [f"{TICK[m]} (n = {n})" for m, n in zip(methods, counts)]
 
 
 def boxplot(res: dict, path: Path) -> Path:
