@@ -113,13 +113,15 @@ def train(
     name: str = typer.Option("atlasmorph-custom", help="Model name stored in the file."),
     threads: Optional[int] = ThreadsOpt,
     workers: int = typer.Option(2, min=1, help="Processes for cohort preparation."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = typer.Option("cpu", help="cpu or cuda (the first GPU, or the LOCAL_RANK one under torchrun)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a conditional template + registration model on a cohort."""
     from .train import TrainSettings, train as run_train
     from .commands import training_reference
 
+    if device not in ("cpu", "cuda"):
+        raise AtlasMorphError(f"--device must be cpu or cuda, got '{device}'")
     if not data.is_file():
         raise AtlasMorphError(f"{data}: no such cohort file")
     if split is not None and not split.is_file():

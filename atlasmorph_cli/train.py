@@ -226,7 +226,7 @@ def validate(model: AtlasMorph, t1: torch.Tensor, labels: torch.Tensor, attrs: t
         t1_t, logits = model.template(attrs[i : i + 1])
         reg = model.register(x, t1_t)
         seg = warp(torch.softmax(logits, 1), reg["fwd"]).argmax(1)[0]
-        rows.append(dice_per_structure(seg.numpy(), labels[i].numpy()))
+        rows.append(dice_per_structure(seg.cpu().numpy(), labels[i].cpu().numpy()))
     model.train()
     return np.array(rows)
 
@@ -312,8 +312,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     gen = torch.Generator().manual_seed(s.seed + rank)
     my_idx = torch.arange(len(train_subj))[rank::world]
     low_shape = [d // 4 for d in s.grid.shape]
-    memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape), "attrs": tr_attr.clone(),
-              "filled": torch.zeros(len(train_subj), dtype=torch.bool)}
+    # the centrality memory lives where the model does (the loss reads all of it every step)
+    memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape, device=device), "attrs": tr_attr.clone().to(device),
+              "filled": torch.zeros(len(train_subj), dtype=torch.bool, device=device)}
     if rank == 0:  # temporary files of writes interrupted by a kill (the real files are intact)
         for stale in s.out.glob(".*.part*"):
             stale.unlink(missing_ok=True)
@@ -331,12 +332,13 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         while step < s.steps:
             pick = my_idx[torch.randint(len(my_idx), (s.batch_size,), generator=gen)]
             x = tr_t1[pick, None].to(device)
-            total, terms, low = runner(x, tr_lab[pick].to(device), has_lab[pick], tr_attr[pick].to(device),
-                                       pick, memory["fields"], memory["attrs"], memory["filled"])
+            total, terms, low = runner(x, tr_lab[pick].to(device), has_lab[pick].to(device),
+                                       tr_attr[pick].to(device), pick.to(device),
+                                       memory["fields"], memory["attrs"], memory["filled"])
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            memory["fields"][pick] = low.cpu()
+            memory["fields"][pick] = low
             memory["filled"][pick] = True
             step += 1
             steps_done += 1

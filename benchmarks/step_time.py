@@ -1,4 +1,4 @@
-"""Seconds and peak memory of one `atlasmorph train` step on the model grid (batch 1), on CPU.
+"""Seconds and peak memory of one `atlasmorph train` step on the model grid (batch 1), on CPU or a GPU.
 
 It times the very module the training loop runs (`train.TrainingStep`: template forward at full
 resolution for T1 and half resolution for labels, RegNet, scaling and squaring, warps, MSE + soft Dice +
@@ -10,6 +10,7 @@ The "other" column is the share of the machine's CPUs used by OTHER processes du
 (/proc/stat): timings with other > 0.1 are inflated by contention, not by this code.
 
     python benchmarks/step_time.py --steps 20 --threads 2 --json docs/benchmarks/step_time.json
+    python benchmarks/step_time.py --steps 50 --device cuda --json docs/benchmarks/step_time_gpu.json
 """
 from __future__ import annotations
 
@@ -68,35 +69,43 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", type=Path, default=None, help="prepared-cohort cache folder (real subject)")
     ap.add_argument("--subjects", type=int, default=130, help="centrality memory size (default 130)")
     ap.add_argument("--json", type=Path, default=None, help="write the figures here")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the step runs (default cpu)")
     args = ap.parse_args(argv)
+    dev = torch.device(args.device)
+
+    def sync() -> None:  # GPU work is asynchronous: wait for it before reading the clock
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
     rows = [{"age": str(a), "sex": s} for a, s in zip(np.linspace(20, 86, 10), "FM" * 5)]
     enc = AttributeEncoder.fit(["age", "sex"], rows)
-    model = AtlasMorph(ModelConfig(name="bench", grid=MODEL_GRID.to_dict(), attributes=enc.to_dict()))
+    model = AtlasMorph(ModelConfig(name="bench", grid=MODEL_GRID.to_dict(), attributes=enc.to_dict())).to(dev)
     settings = TrainSettings(data=Path("."), out=Path("."))
     step = TrainingStep(model, settings)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True)
     low = [d // 4 for d in MODEL_GRID.shape]
-    mem_fields = 0.1 * torch.randn(args.subjects, 3, *low, generator=gen)
-    mem_attrs = torch.randn(args.subjects, enc.width, generator=gen)
-    mem_filled = torch.ones(args.subjects, dtype=torch.bool)
-    x, labels = subject_data(args.cache, gen)
+    mem_fields = (0.1 * torch.randn(args.subjects, 3, *low, generator=gen)).to(dev)
+    mem_attrs = torch.randn(args.subjects, enc.width, generator=gen).to(dev)
+    mem_filled = torch.ones(args.subjects, dtype=torch.bool, device=dev)
+    x, labels = (t.to(dev) for t in subject_data(args.cache, gen))
     attrs = mem_attrs[:1].clone()
-    has = torch.ones(1, dtype=torch.bool)
+    has = torch.ones(1, dtype=torch.bool, device=dev)
     n_cpu = os.cpu_count() or 1
 
     times, others, cpus = [], [], []
     for i in range(args.warmup + args.steps):
+        sync()
         busy0, cpu0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
-        total, terms, low_disp = step(x, labels, has, attrs, torch.tensor([i % args.subjects]),
+        total, terms, low_disp = step(x, labels, has, attrs, torch.tensor([i % args.subjects], device=dev),
                                       mem_fields, mem_attrs, mem_filled)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()
         mem_fields[i % args.subjects] = low_disp[0]
+        sync()
         dt = time.perf_counter() - t0
         cpu = time.process_time() - cpu0
         other = (busy_cpu_seconds() - busy0 - cpu) / (n_cpu * dt)
@@ -112,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": f"{platform.machine()}, {n_cpu} logical CPUs, {platform.system()} {platform.release()}, "
                    f"torch {torch.__version__}",
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "grid": list(MODEL_GRID.shape),
         "data": "cached IXI subject" if args.cache else "random volumes",
         "params": {"template_net": n_params(model.template_net), "reg_net": n_params(model.reg_net)},
@@ -122,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "cpu_seconds_per_step_median": statistics.median(cpus),
         "other_processes_cpu_share_mean": statistics.mean(others),
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_gpu_mb": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
     }
     print(json.dumps(res, indent=1))
     if args.json:

@@ -27,6 +27,7 @@ def test_version():
     (["register", "/nonexistent/subj.nii.gz", "-o", "out.nii.gz"], "no such file"),
     (["segment", "/nonexistent/subj.nii.gz", "-o", "seg.nii.gz"], "no such file"),
     (["train", "--data", "/nonexistent/c.csv", "--out", "x"], "no such cohort file"),
+    (["train", "--data", "/nonexistent/c.csv", "--out", "x", "--device", "gpu"], "--device must be cpu or cuda"),
 ])
 def test_errors_are_one_line_without_traceback(tmp_path, args, msg):
     r = subprocess.run([sys.executable, "-m", "atlasmorph_cli", *args], capture_output=True, text=True, cwd=tmp_path)

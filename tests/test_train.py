@@ -137,3 +137,32 @@ def test_ddp_two_cpu_processes(cohort, tmp_path):
     m = load_model(out / "model.safetensors")
     assert m.config.training["world_size"] == 2
     assert (out / "checkpoint.safetensors").is_file()
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (`--device cuda`)")
+
+
+@needs_cuda
+def test_training_on_cuda_follows_cpu(cohort, tmp_path):
+    """--device cuda runs the same training as the CPU: same first loss, the same course within TF32 and
+    atomic-add noise, and a model file that loads on a CPU-only machine; resume on the GPU works too."""
+    import csv
+
+    ref = small_reference()
+    train(settings(cohort, tmp_path / "cpu", steps=10), ref)
+    train(settings(cohort, tmp_path / "gpu", steps=10, device="cuda"), ref)
+    hist = {k: list(csv.DictReader(open(tmp_path / k / "history.csv"))) for k in ("cpu", "gpu")}
+    loss = {k: np.array([float(h["loss"]) for h in v]) for k, v in hist.items()}
+    assert len(loss["gpu"]) == 10 and np.isfinite(loss["gpu"]).all()
+    np.testing.assert_allclose(loss["gpu"][0], loss["cpu"][0], rtol=1e-2)
+    np.testing.assert_allclose(loss["gpu"], loss["cpu"], rtol=0.1)
+    assert abs(float(hist["gpu"][-1]["val_dice"]) - float(hist["cpu"][-1]["val_dice"])) < 0.05
+    m = load_model(tmp_path / "gpu" / "model.safetensors")  # on the CPU
+    with torch.no_grad():
+        t1, _ = m.template(torch.zeros(1, m.config.encoder.width))
+    assert t1.device.type == "cpu" and torch.isfinite(t1).all()
+    part = tmp_path / "part"
+    train(settings(cohort, part, steps=5, device="cuda"), ref)
+    train(settings(cohort, part, steps=10, device="cuda", resume=True), ref)
+    resumed = np.array([float(h["loss"]) for h in csv.DictReader(open(part / "history.csv"))])
+    np.testing.assert_allclose(resumed, loss["gpu"], rtol=0.05)
