@@ -98,6 +98,14 @@ def train(
     w_smooth: float = typer.Option(LossWeights.smooth, help="Weight: gradient L2 of the displacement."),
     w_centrality: float = typer.Option(LossWeights.centrality, help="Weight: kernel-weighted mean displacement."),
     w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
+    w_template_centrality: float = typer.Option(
+        LossWeights.template_centrality,
+        help="Weight: the deformable template's velocity regressed on its own + the subject's (moves each template "
+             "to the centre of the subjects with its attributes)."),
+    template_deform: bool = typer.Option(
+        True, "--template-deform/--no-template-deform",
+        help="Template = base deformed by an attribute-dependent diffeomorphism + residual (v2; --init from a v1 "
+             "model adds the branch at the identity). --no-template-deform trains the v1 architecture."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "
@@ -136,10 +144,12 @@ def train(
     names = [] if attributes.strip().lower() == "none" else [a.strip() for a in attributes.split(",") if a.strip()]
     settings = TrainSettings(
         data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
-        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude),
+        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude,
+                            w_template_centrality),
         image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
+        template_deform=template_deform,
     )
     final = run_train(settings, training_reference(reference, init))
     err.print(f"model written to {final}")

@@ -41,6 +41,7 @@ class ModelConfig:
     reg_enc: list[int] = field(default_factory=lambda: [0, 32, 32, 32])
     reg_dec: list[int] = field(default_factory=lambda: [32, 32, 16])
     int_steps: int = 7
+    template_deform: bool = False  # template = base o exp(w(attributes)) + residual (v2); False in v1 files
     n_classes: int = N_CLASSES
     labels: list[list] = field(default_factory=lambda: [[s.fs_id, s.name] for s in STRUCTURES])
     loss_weights: dict = field(default_factory=dict)
@@ -65,7 +66,8 @@ class AtlasMorph(torch.nn.Module):
         super().__init__()
         self.config = config
         shape = tuple(config.grid["shape"])
-        self.template_net = TemplateNet(config.encoder.width, shape, config.n_classes, config.template_width)
+        self.template_net = TemplateNet(config.encoder.width, shape, config.n_classes, config.template_width,
+                                        deform=config.template_deform, int_steps=config.int_steps)
         self.reg_net = RegNet(2, tuple(config.reg_enc), tuple(config.reg_dec), config.int_steps)
 
     def template(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -64,6 +64,7 @@ class TrainSettings:
     device: str = "cpu"
     bandwidth: float = 0.5
     template_width: int = 32
+    template_deform: bool = True  # template = base o exp(w(a)) + residual; --init from a v1 model adds it
     name: str = "atlasmorph-custom"
     quiet: bool = False
     grid: Grid = MODEL_GRID  # tests use a smaller grid; shipped models use MODEL_GRID
@@ -143,9 +144,11 @@ class TrainingStep(torch.nn.Module):
         self.bandwidth = settings.bandwidth
 
     def forward(self, x, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
-        t1_t, logits_half = self.model.template_net.forward_train(attrs)
+        t1_t, logits_half, tvel = self.model.template_net.forward_train(attrs)
         reg = self.model.register(x, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
+        if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w moves toward w + v
+            terms["template_centrality"] = losses.regression_to(tvel, tvel + reg["vel"])
         if self.w.image_inverse:
             terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
         if has_labels.any():
@@ -159,9 +162,19 @@ class TrainingStep(torch.nn.Module):
             low, attrs, mem_fields, mem_attrs, mem_filled, idx, self.bandwidth
         )
         weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
-                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
+                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality,
+                   "template_centrality": self.w.template_centrality}
         total = sum(weights[k] * v for k, v in terms.items())
         return total, terms, low.detach()
+
+
+def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
+    """Copy a model's weights into `model`; a template deformation branch the init lacks starts at zero
+    (the identity), so fine-tuning a v1 model into a deformable template starts from v1 exactly."""
+    missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=False)
+    new = [k for k in missing if not k.startswith(("template_net.flow_head.", "template_net.flow_const"))]
+    if unexpected or new:
+        raise AtlasMorphError(f"--init: the model's weights do not fit this network ({(unexpected or new)[0]})")
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -292,14 +305,17 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
                                        "split_from": str(s.split) if s.split else None}, indent=1))
 
     config = init_model.config if init_model else ModelConfig(
-        name=s.name, grid=s.grid.to_dict(), attributes=encoder.to_dict(), template_width=s.template_width)
+        name=s.name, grid=s.grid.to_dict(), attributes=encoder.to_dict(), template_width=s.template_width,
+        template_deform=s.template_deform)
+    if init_model is not None and s.template_deform:
+        config.template_deform = True
     config.loss_weights = asdict(s.weights)
     config.training = {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "image_loss": s.image_loss,
                        "seed": s.seed, "n_train": len(train_subj), "n_val": len(val_subj),
                        "bandwidth": s.bandwidth, "world_size": world}
     model = AtlasMorph(config).to(device)
     if init_model is not None:
-        model.load_state_dict(init_model.state_dict())
+        load_init(model, init_model)
     else:
         model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
     model.train()

@@ -171,6 +171,15 @@ def magnitude_l2(field: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+def regression_to(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over voxels of the squared vector distance between `pred` and a constant (detached) target.
+
+    Used for the deformable template's centrality: in expectation over subjects the minimiser is the
+    conditional mean of the targets, i.e. the template moves to the centre of its sub-population.
+    """
+    return ((pred - target.detach()) ** 2).sum(1).mean()
+
+
 def attribute_weights(query: torch.Tensor, keys: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """Gaussian kernel weights (B, N) = exp(-||keys_j - query_b||^2 / (2 h^2)); all 1 when there are 0 attributes."""
     d2 = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1)

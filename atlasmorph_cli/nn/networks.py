@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import integrate_velocity, resize_field
+from .layers import integrate_velocity, resize_field, warp
 
 
 def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -21,19 +21,27 @@ def upsample2(x: torch.Tensor) -> torch.Tensor:
 
 
 class TemplateNet(nn.Module):
-    """Conditional template: a learned base (population average) plus an attribute-driven residual.
+    """Conditional template: a learned base (population average), optionally deformed, plus a residual.
 
     Output channel 0 is T1 intensity (0..1 scale), channels 1.. are label logits. The residual branch
     maps attributes -> MLP -> a (X/16, Y/16, Z/16) feature volume -> 3 x (upsample, 3x3x3 conv) to half
     resolution -> a zero-initialised 1x1x1 conv -> trilinear upsample to full resolution, so training
     starts from the base template exactly.
+
+    With `shape=True` the template is also a *deformation* of the base: a zero-initialised 3x3x3 conv
+    reads the decoder at quarter resolution and gives a stationary velocity (half-resolution voxels,
+    as RegNet's), integrated by scaling and squaring; template = base o exp(w(a)) + residual. Age acts on
+    anatomy mostly as shape (ventricles expand, cortex thins), which this expresses directly. Without
+    attributes the velocity is one learned field (the unconditional model's centring deformation).
     """
 
-    def __init__(self, n_attrs: int, shape: Sequence[int], n_classes: int = 35, width: int = 32):
+    def __init__(self, n_attrs: int, shape: Sequence[int], n_classes: int = 35, width: int = 32,
+                 deform: bool = False, int_steps: int = 7):
         super().__init__()
         self.n_attrs, self.n_classes, self.shape = int(n_attrs), int(n_classes), tuple(int(s) for s in shape)
         if any(s % 16 for s in self.shape):
             raise ValueError(f"template shape {self.shape} must be divisible by 16")
+        self.deform, self.int_steps = bool(deform), int(int_steps)
         self.base = nn.Parameter(torch.zeros(1, 1 + self.n_classes, *self.shape))
         if self.n_attrs > 0:
             self.low = tuple(s // 16 for s in self.shape)
@@ -45,6 +53,12 @@ class TemplateNet(nn.Module):
             self.head = nn.Conv3d(chans[-1], 1 + self.n_classes, 1)  # 1x1x1: a cheap per-voxel read-out
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+            if self.deform:
+                self.flow_head = nn.Conv3d(chans[2], 3, 3, padding=1)  # reads the quarter-resolution features
+                nn.init.zeros_(self.flow_head.weight)
+                nn.init.zeros_(self.flow_head.bias)
+        elif self.deform:
+            self.flow_const = nn.Parameter(torch.zeros(1, 3, *(s // 4 for s in self.shape)))
 
     @torch.no_grad()
     def init_base(self, mean_t1: torch.Tensor, mean_onehot: torch.Tensor) -> None:
@@ -54,35 +68,58 @@ class TemplateNet(nn.Module):
         self.base[0, 0] = mean_t1.to(self.base)
         self.base[0, 1:] = torch.log(p)
 
+    def branches(self, attrs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2) and template
+        velocity at half resolution (B, 3, X/2, Y/2, Z/2); None for what the network does not have."""
+        b = attrs.shape[0]
+        if self.n_attrs == 0:
+            vel = None
+            if self.deform:
+                vel = resize_field(self.flow_const, 2.0).expand(b, 3, *(s // 2 for s in self.shape))
+            return None, vel
+        x = self.mlp(attrs.to(self.base.dtype)).view(b, self.width, *self.low)
+        vel = None
+        for k, block in enumerate(self.decoder):
+            x = block(upsample2(x))
+            if k == 1 and self.deform:
+                vel = resize_field(self.flow_head(x), 2.0)
+        return self.head(x), vel
+
     def residual_half(self, attrs: torch.Tensor) -> torch.Tensor:
         """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2)."""
-        x = self.mlp(attrs.to(self.base.dtype)).view(attrs.shape[0], self.width, *self.low)
-        for block in self.decoder:
-            x = block(upsample2(x))
-        return self.head(x)
+        return self.branches(attrs)[0]
 
     def residual(self, attrs: torch.Tensor) -> torch.Tensor:
         """Attribute-dependent residual (B, 1 + n_classes, X, Y, Z)."""
         return upsample2(self.residual_half(attrs))
 
-    def forward_train(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Training outputs: full-resolution T1 (B,1,X,Y,Z) and HALF-resolution label logits (B,C,X/2,Y/2,Z/2).
+    def forward_train(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Training outputs: full-resolution T1 (B,1,X,Y,Z), HALF-resolution label logits (B,C,X/2,Y/2,Z/2)
+        and the template velocity (B,3,X/2,Y/2,Z/2), or None without `deform`.
 
-        The label terms are scored at half resolution (the base averaged 2x2x2 plus the half-resolution
-        residual), which keeps a CPU training step affordable; `forward` gives the full-resolution map.
+        The label terms are scored at half resolution (the base averaged 2x2x2, deformed, plus the
+        half-resolution residual), which keeps a CPU training step affordable; `forward` gives the
+        full-resolution map.
         """
         b = attrs.shape[0]
         t1, logits = self.base[:, :1], F.avg_pool3d(self.base[:, 1:], 2)
-        if self.n_attrs == 0:
-            return t1.expand(b, *t1.shape[1:]), logits.expand(b, *logits.shape[1:])
-        r = self.residual_half(attrs)
-        return t1 + upsample2(r[:, :1]), logits + r[:, 1:]
+        r, vel = self.branches(attrs)
+        if vel is not None:
+            disp_half = integrate_velocity(vel, self.int_steps)
+            t1 = warp(t1.expand(b, *t1.shape[1:]), resize_field(disp_half, 2.0))
+            logits = warp(logits.expand(b, *logits.shape[1:]), disp_half)
+        if r is None:
+            return t1.expand(b, *t1.shape[1:]), logits.expand(b, *logits.shape[1:]), vel
+        return t1 + upsample2(r[:, :1]), logits + r[:, 1:], vel
 
     def forward(self, attrs: torch.Tensor) -> torch.Tensor:
         """Template(s) for attributes (B, n_attrs) -> raw output (B, 1 + n_classes, X, Y, Z)."""
-        if self.n_attrs == 0:
-            return self.base.expand(attrs.shape[0], *self.base.shape[1:])
-        return self.base + self.residual(attrs)
+        b = attrs.shape[0]
+        r, vel = self.branches(attrs)
+        out = self.base.expand(b, *self.base.shape[1:])
+        if vel is not None:
+            out = warp(out, resize_field(integrate_velocity(vel, self.int_steps), 2.0))
+        return out if r is None else out + upsample2(r)
 
     @staticmethod
     def split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
