@@ -166,7 +166,10 @@ def cache_key(subject: Subject, reference: np.ndarray) -> str:
 
 
 def cache_file(cache_dir: Path, subject: Subject) -> Path:
-    return cache_dir / f"{subject.id}.npz"
+    """Where a subject's prepared arrays live: always directly in `cache_dir`, whatever its id (runs.cache_name)."""
+    from .runs import cache_path
+
+    return cache_path(cache_dir, subject.id)
 
 
 def _is_cached(path: Path, key: str) -> bool:

@@ -24,7 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .attributes import AttributeEncoder
-from .cohort import Subject, check_attribute_values, load_prepared, prepare_cohort, read_cohort
+from . import runs
+from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from .errors import AtlasMorphError
 from .io import atomic_path, canonical_safetensors
 from .labels import N_CLASSES
@@ -263,6 +264,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     ckpt = s.out / "checkpoint.safetensors"
     if s.resume and not ckpt.is_file():  # before hours of preparation
         raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
+    runs.check_out_folder(s.out, s.resume)  # a new run never replaces a finished (or killed) one
     s.out.mkdir(parents=True, exist_ok=True)
     init_model = load_model(s.init) if s.init else None
     names = init_model.config.encoder.names if init_model else s.attributes
@@ -277,6 +279,10 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         subjects = train_subj + val_subj
     else:
         train_subj, val_subj = split_subjects(subjects, s.val_fraction, s.seed)
+    runs.check_small_cohort(train_subj, val_subj, names, finetune=init_model is not None, loud=rank == 0)
+    run_record = runs.settings_record(s, train_subj, val_subj, names)
+    if s.resume:  # before preparation and before split.json is rewritten
+        runs.check_resume(ckpt, run_record)
     encoder = init_model.config.encoder if init_model else AttributeEncoder.fit(names, [x.attrs for x in train_subj])
 
     cache = s.cache or (s.out / "cache")
@@ -284,7 +290,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         prepare_cohort(subjects, cache, reference, workers=s.workers, quiet=s.quiet, grid=s.grid)
     if world > 1:
         dist.barrier()
-    paths = {x.id: cache / f"{x.id}.npz" for x in subjects}
+    paths = {x.id: cache_file(cache, x) for x in subjects}
 
     def stack(group: list[Subject]):
         t1, lab, has = load_prepared([paths[x.id] for x in group])
@@ -295,7 +301,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     val_labelled = [x for x in val_subj if x.seg is not None][: s.val_max]
     va_t1, va_lab, _, va_attr = stack(val_labelled) if val_labelled else (None, None, None, None)
 
-    settings_json = json.dumps({k: v for k, v in asdict(s).items() if k != "grid"}, default=str)
+    settings_json = run_record  # every setting + the cohort fingerprint, compared on --resume (runs.py)
     if rank == 0:
         with atomic_path(s.out / "split.json") as tmp:
             tmp.write_text(json.dumps({"train": [x.id for x in train_subj], "validation": [x.id for x in val_subj],

@@ -149,7 +149,7 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("train", "age not a number in one row", ["train", "--data", "in/age_typo.csv", "--out", "out/run",
                                               "--reference", "in/brain.nii.gz"], "row 2 (s1): age 'fifty'"),
     ("train", "cohort row with a NaN T1", ["train", "--data", "in/nan_t1.csv", "--out", "out/run", "--reference",
-                                           "in/brain.nii.gz", "--workers", "1", "--quiet"],
+                                           "in/brain.nii.gz", "--workers", "1", "--quiet", "--val-fraction", "0.25"],
      "row 1 (s0): in/nan.nii.gz: image contains NaN"),
     ("train", "--resume without a checkpoint", ["train", "--data", "in/cohort.csv", "--out", "out/run", "--resume",
                                                 "--reference", "in/brain.nii.gz"], "no checkpoint"),
@@ -209,7 +209,8 @@ def make_inputs(folder: Path) -> Path:
     (folder / "age_typo.csv").write_text("subject,t1,age,sex\ns0,s0.nii.gz,40,F\ns1,s1.nii.gz,fifty,M\n"
                                          "s2,s0.nii.gz,70,F\n")
     (folder / "foreign_split.json").write_text('{"train": ["s0", "s9"], "validation": ["s1"]}\n')
-    (folder / "nan_t1.csv").write_text("subject,t1,age,sex\ns0,nan.nii.gz,40,F\n")
+    (folder / "nan_t1.csv").write_text("subject,t1,age,sex\ns0,nan.nii.gz,40,F\ns1,nan.nii.gz,60,M\n"
+                                       "s2,nan.nii.gz,50,F\ns3,nan.nii.gz,70,M\n")  # 4: one validation subject
     return folder
 
 
