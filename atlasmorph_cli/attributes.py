@@ -126,9 +126,24 @@ class AttributeEncoder:
     def to_dict(self) -> list[dict]:
         return [s.__dict__.copy() for s in self.specs]
 
+    def check_names(self, values: dict[str, object] | None, given: str = "--age/--sex/--attr") -> None:
+        """Refuse attribute names this model does not take (a typo such as 'Age' would otherwise be ignored)."""
+        unknown = [k for k in (values or {}) if k not in self.names]
+        if unknown:
+            takes = ", ".join(self.names) or "none (an unconditional model)"
+            raise AtlasMorphError(f"{given}: unknown attribute '{unknown[0]}' (this model takes: {takes})")
+
     @classmethod
     def from_dict(cls, d: list[dict]) -> "AttributeEncoder":
-        return cls([AttributeSpec(**s) for s in d])
+        specs = [AttributeSpec(**s) for s in d]
+        for s in specs:  # a damaged or hand-edited model file: refuse it at load, not with NaN templates
+            if s.kind == "numeric" and not (math.isfinite(s.mean) and math.isfinite(s.std) and s.std > 0):
+                raise ValueError(f"attribute '{s.name}' has mean {s.mean} and std {s.std} (std must be finite and > 0)")
+            if s.kind == "categorical" and not s.categories:
+                raise ValueError(f"attribute '{s.name}' has no categories")
+            if s.kind not in ("numeric", "categorical"):
+                raise ValueError(f"attribute '{s.name}' has unknown kind '{s.kind}'")
+        return cls(specs)
 
 
 def _as_float(v: object) -> float | None:

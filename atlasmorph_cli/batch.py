@@ -16,7 +16,14 @@ one with only some of them fails.
 Outputs go to ``--out-dir`` with BIDS-derivatives-style names. The subject id is the CSV's id column,
 else the file name without its suffix; ``<label>`` is that id without a leading ``sub-`` and with every
 character that is not a letter or digit removed (BIDS labels are alphanumeric), e.g.
-``IXI012-HH-1211`` -> ``sub-IXI012HH1211``. Two subjects with the same label are refused up front.
+``IXI012-HH-1211`` -> ``sub-IXI012HH1211``. Letters and digits of any script are kept (``患者01`` ->
+``sub-患者01``, ``Müller`` -> ``sub-Müller``, NFC-normalised): dropping them would leave some ids with no
+label at all. Two subjects with the same label are refused up front, as is any output path that is an
+input (an image, a mask, the list or cohort CSV).
+
+``--skip-existing`` (after an interruption): a subject whose outputs all exist (and, for segment, whose
+row is in the existing volumes table) is not redone; the new table keeps those rows. An interrupted
+batch (Ctrl-C, SIGTERM) writes the volumes of the subjects it finished and says how far it got.
 
 =========  ==============  ====================================================================
 command    --outputs name  file in --out-dir (single-file option)
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import csv
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -53,7 +61,9 @@ from rich.text import Text
 from .cohort import ID_COLUMNS
 from .errors import AtlasMorphError
 from .io import SUFFIXES, all_or_nothing, check_output_dir, load_volume, save_volume
+from .batch_resume import keep_finished, skip_finished
 from .progress import progress_bar
+from .safety import check_batch_outputs
 
 LIST_SUFFIXES = (".txt", ".csv")
 REGISTER_OUTPUTS = {
@@ -106,11 +116,11 @@ def _image_stem(path: Path) -> str:
 
 
 def bids_label(sid: str) -> str:
-    """The participant label for a subject id: no 'sub-' prefix, letters and digits only."""
-    s = sid
+    """The participant label for a subject id: no 'sub-' prefix, letters and digits (of any script) only."""
+    s = unicodedata.normalize("NFC", sid)
     if s.startswith("sub-"):
         s = s[4:].split("_", 1)[0]
-    return re.sub(r"[^A-Za-z0-9]", "", s)
+    return "".join(c for c in s if c.isalnum())
 
 
 def read_batch_input(path: Path) -> list[BatchSubject]:
@@ -213,6 +223,7 @@ def run_batch(
     warn: Callable[[list[str]], None] = lambda m: None,
     on_subject: Callable[[int, BatchSubject, str | None], None] | None = None,
     quiet: bool = False,
+    skip_existing: bool = False,
 ) -> BatchResult:
     """Run `register` or `segment` over every subject of `source`; raise if any subject failed.
 
@@ -240,13 +251,24 @@ def run_batch(
         if vol.suffix.lower() != ".csv":
             raise AtlasMorphError(f"--vol {vol}: the volumes table must be a .csv file")
         check_output_dir(vol)
+    table = REGISTER_OUTPUTS if command == "register" else SEGMENT_OUTPUTS
+
+    def outputs_of(s: BatchSubject) -> list[Path]:
+        return [out_dir / s.name(table[n]) for n in names]
+
+    check_batch_outputs(source, subjects, out_dir, outputs_of, vol, model_path)  # no output may be an input
 
     _, model = load(model_path, threads)
     attr_names = model.config.encoder.names
+    model.config.encoder.check_names(cli_attrs)
     volumes: list[tuple[str, np.ndarray]] = []
     voxel_mm3: list[float] = []
     failed: list[tuple[BatchSubject, str]] = []
-    with progress_bar(quiet) as bar:
+    if skip_existing:
+        subjects, skipped = skip_finished(subjects, outputs_of, vol, volumes, voxel_mm3)
+        if skipped:
+            warn([f"--skip-existing: {len(skipped)} subject(s) already done, {len(subjects)} to do"])
+    with progress_bar(quiet) as bar, keep_finished(vol, volumes, voxel_mm3, subjects, outputs_of):
         task = bar.add_task(command, total=len(subjects))
         for i, s in enumerate(subjects):
             error = None
@@ -299,6 +321,8 @@ def run_batch(
     if failed:
         listed = ", ".join(f"sub-{s.label}" for s, _ in failed[:MAX_LISTED])
         more = f", ... ({len(failed) - MAX_LISTED} more)" if len(failed) > MAX_LISTED else ""
-        raise AtlasMorphError(f"{len(failed)} of {len(subjects)} subjects failed ({listed}{more}); "
-                              f"the others were written to {out_dir}")
+        rest = (f"the others were written to {out_dir}" if len(failed) < len(subjects)
+                else "nothing was written" + (f" (the {len(volumes)} rows of subjects done before are kept in {vol})"
+                                              if volumes else ""))
+        raise AtlasMorphError(f"{len(failed)} of {len(subjects)} subjects failed ({listed}{more}); {rest}")
     return result

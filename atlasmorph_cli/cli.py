@@ -37,7 +37,7 @@ app = typer.Typer(
 )
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
-ThreadsOpt = typer.Option(None, "--threads", help="CPU threads for torch (default: all cores).")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
 RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
                          "for this subject (about 0.1 s each; 0: the network's warp as is).")
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
@@ -66,14 +66,19 @@ OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a folder,
                          "output folder; files get BIDS-derivatives names (see docs/scaling.md).")
 
 
-def _batch(image: Path, out_dir: Path | None, outputs: str | None) -> bool:
+SkipExistingOpt = typer.Option(False, "--skip-existing", help="Batch mode: skip subjects whose outputs all exist "
+                               "(e.g. rerunning an interrupted batch; segment keeps their rows of the volumes table).")
+
+
+def _batch(image: Path, out_dir: Path | None, outputs: str | None, skip_existing: bool = False) -> bool:
     """Whether IMAGE is a batch (folder, .txt, .csv); batch-only options with a single image are an error."""
     from .batch import is_batch_input
 
     if is_batch_input(image):
         return True
-    if out_dir is not None or outputs is not None:
-        raise AtlasMorphError("--out-dir and --outputs are for a batch input (a folder, a .txt list or a cohort .csv)")
+    if out_dir is not None or outputs is not None or skip_existing:
+        raise AtlasMorphError("--out-dir, --outputs and --skip-existing are for a batch input (a folder, a .txt list "
+                              "or a cohort .csv)")
     return False
 
 
@@ -198,17 +203,18 @@ def register(
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
                                           "template, warp, inverse, affine, labels, jacobian (default moved,warp,labels)."),
+    skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
     from .commands import run_register
 
-    if _batch(image, out_dir, outputs):
+    if _batch(image, out_dir, outputs, skip_existing):
         from .batch import check_single_only, run_batch
 
         check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
                            "--labels": labels, "--jacobian": jacobian, "--mask": mask})
         run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
-                  model_path=model, threads=threads, refine=refine, warn=_warn)
+                  model_path=model, threads=threads, refine=refine, warn=_warn, skip_existing=skip_existing)
         return
     run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
                  labels, jacobian, warp_format, model, threads, _warn, refine=refine)
@@ -235,16 +241,17 @@ def segment(
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg "
                                           "(default dseg)."),
+    skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Segment a subject with the label map of its conditional template (subject's own grid)."""
     from .commands import run_segment
 
-    if _batch(image, out_dir, outputs):
+    if _batch(image, out_dir, outputs, skip_existing):
         from .batch import check_single_only, run_batch
 
         check_single_only({"-o": output, "--probs": probs, "--mask": mask})
         run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
-                  threads=threads, refine=refine, warn=_warn)
+                  threads=threads, refine=refine, warn=_warn, skip_existing=skip_existing)
         return
     if output is None:
         ctx.fail("Missing option '-o' / '--output'.")
@@ -281,8 +288,17 @@ def main() -> None:
     """Console entry point: run the app, turning errors into one line on stderr and a non-zero exit.
 
     Exit codes: 0 success, 1 bad input or failure, 2 bad command line (unknown option, bad option
-    value, missing argument), 130 interrupted. `--debug` prints the traceback before the line.
+    value, missing argument), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; 129 for SIGHUP).
+    `--debug` prints the traceback before the line. SIGTERM is handled like Ctrl-C (safety.py), so
+    temporary files are removed and a batch keeps what it finished.
     """
+    from .safety import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        _main()
+
+
+def _main() -> None:
     no_args, usage, click_error, abort = _click_errors()
     debug = "--debug" in sys.argv
     try:
@@ -311,7 +327,13 @@ def main() -> None:
             traceback.print_exc()
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         _fail("atlasmorph: error: ", f"{where}{exc.strerror or exc}", 1)
-    except (KeyboardInterrupt, *abort):
+    except (KeyboardInterrupt, *abort) as exc:
+        from .safety import terminated_by
+
+        term = terminated_by(exc)
+        if term is not None:
+            err.print(f"atlasmorph: terminated by {term}", highlight=False)
+            sys.exit(128 + term.signum)
         err.print("atlasmorph: interrupted", highlight=False)
         sys.exit(130)
     except Exception as exc:  # anything unexpected: still one line unless --debug

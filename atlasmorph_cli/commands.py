@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 
 from .errors import AtlasMorphError
+from .safety import outputs_not_inputs
 from .io import Volume, all_or_nothing, atomic_path, check_output_dir, load_volume, save_volume, suffix_of
 from .labels import STRUCTURES
 from .pipeline import REFINE_STEPS, encode_attributes, load, make_template, register
@@ -20,6 +22,8 @@ from .space import MODEL_GRID, resample
 from .warpio import WARP_FORMATS, save_displacement, save_itk_affine
 
 Warn = Callable[[list[str]], None]
+MAX_AGES = 1000  # templates one `template --age START:STOP:STEP` may write (each is written, then freed)
+MONTAGE_AGES = 25  # columns of a --png montage at most (evenly spaced over the ages, first and last included)
 MNI_XFORM = 4  # NIfTI xform code "MNI152" for outputs on the model grid
 
 
@@ -33,8 +37,12 @@ def attribute_values(age: float | None, sex: str | None, extra: list[str] | None
     for item in extra or []:
         if "=" not in item:
             raise AtlasMorphError(f"--attr expects NAME=VALUE, got '{item}'")
-        k, v = item.split("=", 1)
-        values[k.strip()] = v.strip()
+        k, v = (x.strip() for x in item.split("=", 1))
+        if k in values:  # --attr age=75 with --age 40, or the same name twice: no silent winner
+            first = (f"--{k} {values[k]}" if (k == "age" and age is not None) or (k == "sex" and sex is not None)
+                     else f"--attr {k}={values[k]}")
+            raise AtlasMorphError(f"{k} is given twice ({first} and --attr {k}={v}); give it once")
+        values[k] = v
     return values or None
 
 
@@ -81,11 +89,17 @@ def parse_ages(age: str | None) -> list[float] | None:
         parts = [float(p) for p in age.split(":")]
     except ValueError:
         raise AtlasMorphError(f"--age must be a number or START:STOP:STEP, got '{age}'") from None
+    if not all(np.isfinite(parts)):
+        raise AtlasMorphError(f"--age must be finite numbers, got '{age}'")
     if len(parts) == 1:
         return parts
     if len(parts) != 3 or parts[2] <= 0 or parts[1] < parts[0]:
         raise AtlasMorphError(f"--age range must be START:STOP:STEP with STEP > 0, got '{age}'")
-    return list(np.arange(parts[0], parts[1] + parts[2] / 2, parts[2]))
+    n = int(np.floor((parts[1] - parts[0]) / parts[2] + 0.5)) + 1  # counted before anything is allocated
+    if n > MAX_AGES:
+        raise AtlasMorphError(f"--age {age} asks for {n} templates; at most {MAX_AGES} per command "
+                              "(use a larger STEP)")
+    return [float(a) for a in np.arange(parts[0], parts[1] + parts[2] / 2, parts[2])]
 
 
 def _with_age(path: Path, age: float) -> Path:
@@ -93,33 +107,45 @@ def _with_age(path: Path, age: float) -> Path:
     return path.with_name(f"{path.name[: -len(suffix)]}_age-{age:g}{suffix}")
 
 
+def montage_ages(ages: list) -> list:
+    """The ages a --png montage shows: all of them, or MONTAGE_AGES evenly spaced (first and last included)."""
+    if len(ages) <= MONTAGE_AGES:
+        return list(ages)
+    return [ages[i] for i in sorted({int(round(j)) for j in np.linspace(0, len(ages) - 1, MONTAGE_AGES)})]
+
+
+@outputs_not_inputs
 def run_template(output, age, sex, attr, labels, probs, png, model_path, threads, warn: Warn) -> None:
     _check_outputs([output, labels, probs, png])
     ages = parse_ages(age)
     _, model = load(model_path, threads)
     series = ages if ages and len(ages) > 1 else None
-    templates = []
-    for a in ages or [None]:
-        values = attribute_values(a, sex, attr)
-        vec, warnings = encode_attributes(model, values)
+    vectors = []
+    for a in ages or [None]:  # every age's attributes are checked before anything is computed
+        vec, warnings = encode_attributes(model, attribute_values(a, sex, attr))
         warn(warnings)
-        templates.append((a, make_template(model, vec)))
-    g = MODEL_GRID if not templates else templates[0][1].grid
-    writes: list[tuple[Path, np.ndarray, object]] = []
-    for a, t in templates:
-        name = (lambda p: _with_age(p, a)) if series else (lambda p: p)
-        writes.append((name(output), t.t1.astype(np.float32), None))
-        if labels:
-            writes.append((name(labels), t.labels, np.int32))
-        if probs:
-            writes.append((name(probs), np.moveaxis(t.probs, 0, -1).astype(np.float32), None))
+        vectors.append((a, vec))
+    shown = montage_ages([a for a, _ in vectors]) if png else []
+    kept = []
+    # one template at a time: computed, written (to temporary files, renamed together at the end), freed;
+    # memory does not grow with the number of ages
     with all_or_nothing():
-        for path, data, dtype in writes:
-            save_volume(data, g.affine, path, dtype=dtype, xform_code=MNI_XFORM)
+        for a, vec in vectors:
+            t = make_template(model, vec)
+            name = (lambda p: _with_age(p, a)) if series else (lambda p: p)
+            save_volume(t.t1.astype(np.float32), t.grid.affine, name(output), xform_code=MNI_XFORM)
+            if labels:
+                save_volume(t.labels, t.grid.affine, name(labels), dtype=np.int32, xform_code=MNI_XFORM)
+            if probs:
+                save_volume(np.moveaxis(t.probs, 0, -1), t.grid.affine, name(probs), dtype=np.float32,
+                            xform_code=MNI_XFORM)
+            if a in shown:
+                kept.append((a, SimpleNamespace(t1=t.t1)))
+            del t
         if png:
             from .report import template_montage
 
-            template_montage(templates, png, sex)
+            template_montage(kept, png, sex)
 
 
 # ----------------------------------------------------------------------------------------- register
@@ -127,6 +153,7 @@ def _load_inputs(image: Path, mask: Path | None) -> tuple[Volume, Volume | None]
     return load_volume(image), (load_volume(mask) if mask else None)
 
 
+@outputs_not_inputs
 def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine_out, labels, jacobian,
                  warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS) -> None:
     if warp_format not in WARP_FORMATS:
@@ -178,10 +205,14 @@ def write_volumes(path: Path, rows: list[tuple[str, np.ndarray]], voxel_mm3: lis
         w = csv.writer(fh)
         w.writerow(["subject", "total_brain", *[s.name for s in STRUCTURES]])
         for (sid, sums), vox in zip(rows, voxel_mm3):
+            if isinstance(sums, list):  # a row taken over verbatim from an earlier run's table (--skip-existing)
+                w.writerow([sid, *sums])
+                continue
             v = sums[1:] * vox
             w.writerow([sid, f"{v.sum():.1f}", *[f"{x:.1f}" for x in v]])
 
 
+@outputs_not_inputs
 def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn,
                 refine: int = REFINE_STEPS) -> None:
     _check_outputs([output, probs, vol])

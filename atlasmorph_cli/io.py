@@ -101,6 +101,23 @@ def load_volume(path: Path | str, *, allow_nonfinite: bool = False) -> Volume:
     return Volume(data=data, affine=affine, header=img.header, source=path)
 
 
+def grid_difference(shape_a, affine_a, shape_b, affine_b) -> str:
+    """How two grids differ, for messages: the shapes, else what differs in the voxel-to-world affines."""
+    if tuple(shape_a) != tuple(shape_b):
+        return f"shape: {tuple(shape_a)} vs {tuple(shape_b)}"
+    a, b = np.asarray(affine_a, float), np.asarray(affine_b, float)
+    za, zb = np.sqrt((a[:3, :3] ** 2).sum(0)), np.sqrt((b[:3, :3] ** 2).sum(0))
+    fmt = lambda v: "(" + ", ".join(f"{x:g}" for x in np.round(v, 3)) + ")"  # noqa: E731
+    parts = []
+    if not np.allclose(za, zb, atol=1e-3):
+        parts.append(f"voxel sizes {fmt(za)} vs {fmt(zb)} mm")
+    if not np.allclose(a[:3, :3] / za, b[:3, :3] / zb, atol=1e-3):
+        parts.append("axis directions differ (another orientation)")
+    if not np.allclose(a[:3, 3], b[:3, 3], atol=1e-3):
+        parts.append(f"origin {fmt(a[:3, 3])} vs {fmt(b[:3, 3])} mm")
+    return "voxel-to-world affine: " + ("; ".join(parts) or f"{fmt(a.ravel())} vs {fmt(b.ravel())}")
+
+
 def check_output_dir(path: Path | str) -> None:
     """Refuse an output whose folder is missing, not a folder, or not writable (tried, not guessed)."""
     path = Path(path)

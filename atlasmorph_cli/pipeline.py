@@ -16,7 +16,7 @@ import torch
 from .affine import fit_affine
 from .errors import AtlasMorphError
 from .intensity import normalize
-from .io import Volume
+from .io import Volume, grid_difference
 from .labels import to_freesurfer
 from .loss_weights import LossWeights
 from .model import AtlasMorph, load_model, verify_shipped
@@ -67,6 +67,7 @@ def encode_attributes(model: AtlasMorph, values: dict[str, object] | None) -> tu
     enc = model.config.encoder
     if values is None or all(v is None for v in values.values()):
         return torch.from_numpy(enc.encode_average())[None], []
+    enc.check_names({k: v for k, v in values.items() if v is not None})
     parsed, warnings = enc.parse(values)
     return torch.from_numpy(enc.encode(parsed))[None], warnings
 
@@ -206,9 +207,9 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
     name = f"{subject.source}: " if subject.source is not None else ""
     if mask is not None:
         if mask.shape != subject.shape or not np.allclose(mask.affine, subject.affine, atol=1e-3):
-            what = "shape" if mask.shape != subject.shape else "voxel-to-world affine"
             raise AtlasMorphError(
-                f"{name}the mask is on another grid than the image ({what}: {mask.shape} vs {subject.shape}); "
+                f"{name}the mask is on another grid than the image "
+                f"({grid_difference(mask.shape, mask.affine, subject.shape, subject.affine)}); "
                 "resample it to the image first"
             )
         m = mask.data > 0
