@@ -64,6 +64,7 @@ from .io import SUFFIXES, all_or_nothing, check_output_dir, load_volume, save_vo
 from .batch_resume import keep_finished, skip_finished
 from .progress import progress_bar
 from .safety import check_batch_outputs
+from .stream import save_native_probs
 
 LIST_SUFFIXES = (".txt", ".csv")
 REGISTER_OUTPUTS = {
@@ -291,13 +292,12 @@ def run_batch(
                             w()
                 else:
                     seg, sums = reg.labels_to_native()
-                    probs = np.moveaxis(reg.probs_to_native(), 0, -1) if "probseg" in names else None
+                    probs = out_dir / s.name(SEGMENT_OUTPUTS["probseg"]) if "probseg" in names else None
                     with all_or_nothing():
                         save_volume(seg, subj.affine, out_dir / s.name(SEGMENT_OUTPUTS["dseg"]),
                                     header=subj.header, dtype=np.int32)
-                        if probs is not None:
-                            save_volume(probs, subj.affine, out_dir / s.name(SEGMENT_OUTPUTS["probseg"]),
-                                        dtype=np.float32)
+                        if probs is not None:  # frame by frame (stream.py)
+                            save_native_probs(reg, probs)
                     volumes.append((s.id, sums))
                     voxel_mm3.append(float(np.prod(subj.zooms)))
                 del reg, subj, mask

@@ -15,6 +15,7 @@ import numpy as np
 
 from .errors import AtlasMorphError
 from .safety import outputs_not_inputs
+from .stream import save_native_probs
 from .io import Volume, all_or_nothing, atomic_path, check_output_dir, load_volume, save_volume, suffix_of
 from .labels import STRUCTURES
 from .pipeline import REFINE_STEPS, encode_attributes, load, make_template, register
@@ -224,11 +225,10 @@ def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, war
         warn(["no attributes given: using the population-average template"])
     reg = register(model, subj, vec, m, refine=refine)
     seg, sums = reg.labels_to_native()
-    p = np.moveaxis(reg.probs_to_native(), 0, -1) if probs else None
     with all_or_nothing():
         save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
-        if p is not None:
-            save_volume(p, subj.affine, probs, dtype=np.float32)
+        if probs:  # frame by frame (stream.py): the 35 native frames are never held together
+            save_native_probs(reg, probs)
         if vol:
             sid = Path(image).name
             write_volumes(vol, [(sid, sums)], [float(np.prod(subj.zooms))])

@@ -10,7 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ import nibabel as nib
 import numpy as np
 
 from .errors import AtlasMorphError
+from .limits import check_image_shape
 
 SUFFIXES = (".nii.gz", ".nii", ".mgz")
 
@@ -75,8 +78,17 @@ def load_volume(path: Path | str, *, allow_nonfinite: bool = False) -> Volume:
         raise AtlasMorphError(f"{path}: is a directory, not an image file")
     suffix_of(path)
     try:
-        img = nib.load(str(path))
+        with warnings.catch_warnings():  # an absurd header makes nibabel warn (overflow) before it is refused
+            warnings.simplefilter("ignore")
+            img = nib.load(str(path))
+            shape = img.shape
+    except Exception as exc:  # nibabel raises many types for corrupt files
+        raise AtlasMorphError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
+    check_image_shape(shape, path)  # from the header, before any voxel is read (limits.py)
+    try:
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except MemoryError:
+        raise AtlasMorphError(f"{path}: not enough memory to read {shape} voxels") from None
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise AtlasMorphError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     if data.ndim == 4 and data.shape[3] == 1:
@@ -127,12 +139,54 @@ def check_output_dir(path: Path | str) -> None:
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise AtlasMorphError(f"{path}: output directory {parent} {what}")
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise AtlasMorphError(f"{path}: file name too long ({len(os.fsencode(path.name))} bytes; file systems allow "
+                              f"at most {NAME_MAX})")
+    remove_stale_temporaries([path])
     try:  # os.access is wrong for root, read-only mounts and some network file systems
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_short(path.name)}.", suffix=".probe", dir=parent)
     except OSError as exc:
         raise AtlasMorphError(f"{path}: output directory {parent} is not writable{_reason(exc)}") from None
     os.close(fd)
     os.unlink(tmp)
+
+
+NAME_MAX = 255  # bytes in one file name on Linux, macOS and Windows file systems
+
+
+def _short(name: str) -> str:
+    """The start of a file name, for the hidden temporary name beside it (which must fit in NAME_MAX)."""
+    while len(os.fsencode(name)) > 100:
+        name = name[:-1]
+    return name
+
+
+_TEMPORARY = re.compile(r"^\.(.+)\.[a-z0-9_]{8}\.(?:part|probe)")
+
+
+def remove_stale_temporaries(paths: list[Path]) -> int:
+    """Remove hidden temporary files that a killed earlier run (SIGKILL, power loss) left beside these
+    outputs (`.NAME.XXXXXXXX.part...`); only those of these very outputs, so another job writing other
+    files into the same folder is not disturbed. One directory listing per folder; returns the count."""
+    by_parent: dict[Path, set[str]] = {}
+    for p in paths:
+        p = Path(p)
+        by_parent.setdefault(p.parent if str(p.parent) else Path("."), set()).add(_short(p.name))
+    removed = 0
+    for parent, names in by_parent.items():
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            continue
+        for e in entries:
+            m = _TEMPORARY.match(e.name) if e.name.startswith(".") else None
+            if m and m.group(1) in names:
+                try:
+                    os.unlink(e.path)
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
 
 
 def _reason(exc: OSError) -> str:
@@ -175,7 +229,7 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
     if not parent.is_dir():
         raise AtlasMorphError(f"{path}: output directory {parent} does not exist")
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part" + _tmp_suffix(path), dir=parent)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_short(path.name)}.", suffix=".part" + _tmp_suffix(path), dir=parent)
     except OSError as exc:
         raise AtlasMorphError(f"{path}: output directory {parent} is not writable{_reason(exc)}") from None
     os.close(fd)
@@ -191,6 +245,10 @@ def atomic_path(path: Path | str) -> Iterator[Path]:
             keep = True
         else:
             os.replace(tmp_path, path)
+    except OSError as exc:  # disk full, quota...: name the output, not the hidden temporary file (or nothing)
+        if exc.filename in (None, str(tmp_path)):
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         if not keep and tmp_path.exists():
             tmp_path.unlink()

@@ -19,7 +19,8 @@ from .intensity import normalize
 from .io import Volume, grid_difference
 from .labels import to_freesurfer
 from .loss_weights import LossWeights
-from .model import AtlasMorph, load_model, verify_shipped
+from .limits import check_model_config
+from .model import AtlasMorph, load_model, read_config, verify_shipped
 from .nn.layers import jacobian_determinant, sample_at
 from .nn.networks import velocity_to_displacements
 from .refine import REFINE_LR, REFINE_STEPS, refine_velocity
@@ -257,4 +258,5 @@ def load(path: Path | None, threads: int | None = None) -> tuple[Path, AtlasMorp
     p = resolve_model(path)
     if is_shipped(p):
         verify_shipped(p)  # its sha256 must match models/<name>.sha256
+    check_model_config(read_config(p), p)  # before building it: int_steps, grid and widths in range
     return p, load_model(p)

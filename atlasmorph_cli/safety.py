@@ -61,7 +61,8 @@ def outputs_not_inputs(fn: Callable) -> Callable:
 
 def check_batch_outputs(source: Path, subjects: Iterable, out_dir: Path, output_paths: Callable[[object], list[Path]],
                         vol: Path | None, model: Path | None) -> None:
-    """A batch's outputs (every subject's files in --out-dir, the volumes table) must not be inputs."""
+    """A batch's outputs (every subject's files in --out-dir, the volumes table) must not be inputs; the
+    temporary files a killed earlier run left beside these outputs are removed."""
     inputs: dict[Path, str] = {}
     for s in subjects:
         inputs[Path(s.t1)] = f"the image of subject {s.id}"
@@ -80,6 +81,9 @@ def check_batch_outputs(source: Path, subjects: Iterable, out_dir: Path, output_
     planned = [p for s in subjects for p in output_paths(s)]
     if vol is not None:
         planned.append(vol)
+    from .io import remove_stale_temporaries
+
+    remove_stale_temporaries(planned)  # left by a killed earlier run of this batch
     for out in planned:
         what = resolved.get(out.resolve())
         if what is None and out.exists():  # hard links and other spellings of an existing file
