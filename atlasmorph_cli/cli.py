@@ -327,20 +327,20 @@ def _main() -> None:
             traceback.print_exc()
         where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
         _fail("atlasmorph: error: ", f"{where}{exc.strerror or exc}", 1)
-    except (KeyboardInterrupt, *abort) as exc:
-        from .safety import terminated_by
+    except (KeyboardInterrupt, *abort):
+        from .safety import interruption_message
 
-        term = terminated_by(exc)
-        if term is not None:
-            err.print(f"atlasmorph: terminated by {term}", highlight=False)
-            sys.exit(128 + term.signum)
-        err.print("atlasmorph: interrupted", highlight=False)
-        sys.exit(130)
+        message, exit_code = interruption_message()
+        err.print(message, highlight=False)
+        sys.exit(exit_code)
     except Exception as exc:  # anything unexpected: still one line unless --debug
         if debug:
             traceback.print_exc()
         _fail("atlasmorph: internal error: ", f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
-    if code == 130:  # Typer turns Ctrl-C into Exit(130)
-        err.print("atlasmorph: interrupted", highlight=False)
+    if code == 130:  # Typer turns Ctrl-C (and SIGTERM, safety.py) into Exit(130)
+        from .safety import interruption_message
+
+        message, code = interruption_message()
+        err.print(message, highlight=False)
     if isinstance(code, int) and code != 0:  # typer.Exit(code) from a command
         sys.exit(code)

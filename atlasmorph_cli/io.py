@@ -134,14 +134,14 @@ def check_output_dir(path: Path | str) -> None:
     """Refuse an output whose folder is missing, not a folder, or not writable (tried, not guessed)."""
     path = Path(path)
     parent = path.parent if str(path.parent) else Path(".")
+    if len(os.fsencode(path.name)) > NAME_MAX:
+        raise AtlasMorphError(f"{path}: file name too long ({len(os.fsencode(path.name))} bytes; file systems allow "
+                              f"at most {NAME_MAX})")
     if path.is_dir():
         raise AtlasMorphError(f"{path}: is a directory; give a file name")
     if not parent.is_dir():
         what = "is not a directory" if parent.exists() else "does not exist"
         raise AtlasMorphError(f"{path}: output directory {parent} {what}")
-    if len(os.fsencode(path.name)) > NAME_MAX:
-        raise AtlasMorphError(f"{path}: file name too long ({len(os.fsencode(path.name))} bytes; file systems allow "
-                              f"at most {NAME_MAX})")
     remove_stale_temporaries([path])
     try:  # os.access is wrong for root, read-only mounts and some network file systems
         fd, tmp = tempfile.mkstemp(prefix=f".{_short(path.name)}.", suffix=".probe", dir=parent)

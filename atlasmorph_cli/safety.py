@@ -102,8 +102,25 @@ class Terminated(KeyboardInterrupt):
         self.signum = signum
 
 
+_received: list[int] = []
+
+
 def _raise(signum, frame):  # noqa: ARG001
+    _received.append(signum)
     raise Terminated(signum)
+
+
+def received_signal() -> int | None:
+    """The SIGTERM/SIGHUP received in this process (Typer turns the interruption into exit code 130)."""
+    return _received[-1] if _received else None
+
+
+def interruption_message() -> tuple[str, int]:
+    """('atlasmorph: terminated by SIGTERM', 143) after a signal, else ('atlasmorph: interrupted', 130)."""
+    sig = received_signal()
+    if sig is None:
+        return "atlasmorph: interrupted", 130
+    return f"atlasmorph: terminated by {signal.Signals(sig).name}", 128 + sig
 
 
 @contextmanager
@@ -111,6 +128,7 @@ def terminate_as_interrupt() -> Iterator[None]:
     """Within the block, SIGTERM and SIGHUP raise `Terminated` in the main thread; the previous handlers
     are restored after it (a no-op outside the main thread, e.g. in a nipype worker thread)."""
     previous = {}
+    _received.clear()
     for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
         if sig is None:
             continue
@@ -126,11 +144,3 @@ def terminate_as_interrupt() -> Iterator[None]:
             signal.signal(sig, handler)
 
 
-def terminated_by(exc: BaseException) -> Terminated | None:
-    """The Terminated behind an interruption (Click wraps it in Abort), or None for a Ctrl-C."""
-    seen = 0
-    while exc is not None and seen < 5:
-        if isinstance(exc, Terminated):
-            return exc
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
