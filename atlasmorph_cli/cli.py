@@ -43,6 +43,16 @@ RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimis
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
 SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
 AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
+ImageArg = typer.Argument(..., help="T1 image, any orientation: whole-head (the brain is extracted first, with "
+                          "deepbet), skull-stripped (its non-zero voxels are the brain), or whole-head with --mask; "
+                          "or a batch: a folder of images, a .txt list or a cohort .csv.")
+MaskOpt = typer.Option(None, "--mask", help="Brain mask on the image's grid (> 0 is brain; a probabilistic mask "
+                       "with values in [0, 1] is read as >= 0.5). No extraction is run.")
+SkullstrippedOpt = typer.Option(False, "--skullstripped", help="The image is already brain-extracted: its non-zero "
+                                "voxels are the brain (default: decided from the image; a whole-head scan is "
+                                "brain-extracted first).")
+BrainMaskOpt = typer.Option(None, "--brain-mask", help="Write the brain mask used (uint8, the input's grid).")
+BrainOpt = typer.Option(None, "--brain", help="Write the skull-stripped image (the input's grid).")
 
 
 def _version(value: bool) -> None:
@@ -111,6 +121,10 @@ def train(
         True, "--template-deform/--no-template-deform",
         help="Template = base deformed by an attribute-dependent diffeomorphism + residual (v2; --init from a v1 "
              "model adds the branch at the identity). --no-template-deform trains the v1 architecture."),
+    augment: bool = typer.Option(
+        True, "--augment/--no-augment",
+        help="Show the registration network subjects perturbed by smooth bias fields, gamma, noise and thick "
+             "slices (losses are scored on the clean subject), so it copes with other scanners."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "
@@ -154,7 +168,7 @@ def train(
         image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
-        template_deform=template_deform,
+        template_deform=template_deform, augment=augment,
     )
     final = run_train(settings, training_reference(reference, init))
     err.print(f"model written to {final}")
@@ -183,12 +197,14 @@ def template(
 # ----------------------------------------------------------------------------------------- register
 @app.command()
 def register(
-    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation; "
-                                 "or a batch: a folder of images, a .txt list or a cohort .csv."),
+    image: Path = ImageArg,
     age: Optional[float] = AgeOpt,
     sex: Optional[str] = SexOpt,
     attr: Optional[list[str]] = AttrOpt,
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask on the image's grid."),
+    mask: Optional[Path] = MaskOpt,
+    skullstripped: bool = SkullstrippedOpt,
+    brain_mask: Optional[Path] = BrainMaskOpt,
+    brain: Optional[Path] = BrainOpt,
     moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
     template_out: Optional[Path] = typer.Option(None, "-O", "--template-out", help="Template moved into subject space."),
     trans: Optional[Path] = typer.Option(None, "-t", "--trans", help="Subject->template warp (on the template grid)."),
@@ -212,26 +228,31 @@ def register(
         from .batch import check_single_only, run_batch
 
         check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
-                           "--labels": labels, "--jacobian": jacobian, "--mask": mask})
+                           "--labels": labels, "--jacobian": jacobian, "--mask": mask, "--brain-mask": brain_mask,
+                           "--brain": brain})
         run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
-                  model_path=model, threads=threads, refine=refine, warn=_warn, skip_existing=skip_existing)
+                  model_path=model, threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
+                  skip_existing=skip_existing)
         return
     run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
-                 labels, jacobian, warp_format, model, threads, _warn, refine=refine)
+                 labels, jacobian, warp_format, model, threads, _warn, refine=refine, skullstripped=skullstripped,
+                 brain_mask_out=brain_mask, brain_out=brain)
 
 
 # ----------------------------------------------------------------------------------------- segment
 @app.command()
 def segment(
     ctx: typer.Context,
-    image: Path = typer.Argument(..., help="Brain-extracted T1 (or whole-head with --mask), any orientation; "
-                                 "or a batch: a folder of images, a .txt list or a cohort .csv."),
+    image: Path = ImageArg,
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Segmentation (34 structures, FreeSurfer "
                                           "ids); required for a single image."),
     age: Optional[float] = AgeOpt,
     sex: Optional[str] = SexOpt,
     attr: Optional[list[str]] = AttrOpt,
-    mask: Optional[Path] = typer.Option(None, "--mask", help="Brain mask on the image's grid."),
+    mask: Optional[Path] = MaskOpt,
+    skullstripped: bool = SkullstrippedOpt,
+    brain_mask: Optional[Path] = BrainMaskOpt,
+    brain: Optional[Path] = BrainOpt,
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
     vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
                                        "row per subject, default OUT_DIR/volumes.csv)."),
@@ -249,13 +270,16 @@ def segment(
     if _batch(image, out_dir, outputs, skip_existing):
         from .batch import check_single_only, run_batch
 
-        check_single_only({"-o": output, "--probs": probs, "--mask": mask})
+        check_single_only({"-o": output, "--probs": probs, "--mask": mask, "--brain-mask": brain_mask,
+                           "--brain": brain})
         run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
-                  threads=threads, refine=refine, warn=_warn, skip_existing=skip_existing)
+                  threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
+                  skip_existing=skip_existing)
         return
     if output is None:
         ctx.fail("Missing option '-o' / '--output'.")
-    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine)
+    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine,
+                skullstripped=skullstripped, brain_mask_out=brain_mask, brain_out=brain)
 
 
 def _one_line(text: str) -> str:

@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .attributes import AttributeEncoder
+from .augment import augment
 from . import runs
 from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from .errors import AtlasMorphError
@@ -66,6 +67,7 @@ class TrainSettings:
     bandwidth: float = 0.5
     template_width: int = 32
     template_deform: bool = True  # template = base o exp(w(a)) + residual; --init from a v1 model adds it
+    augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
     name: str = "atlasmorph-custom"
     quiet: bool = False
     grid: Grid = MODEL_GRID  # tests use a smaller grid; shipped models use MODEL_GRID
@@ -144,9 +146,10 @@ class TrainingStep(torch.nn.Module):
         self.image_loss = losses.mse if settings.image_loss == "mse" else losses.local_ncc
         self.bandwidth = settings.bandwidth
 
-    def forward(self, x, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
+    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
+        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented)."""
         t1_t, logits_half, tvel = self.model.template_net.forward_train(attrs)
-        reg = self.model.register(x, t1_t.detach())  # the template learns from the losses, not via RegNet's input
+        reg = self.model.register(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
         if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w moves toward w + v
             terms["template_centrality"] = losses.regression_to(tvel, tvel + reg["vel"])
@@ -353,8 +356,10 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         task = bar.add_task("training", total=s.steps, completed=step, info="")
         while step < s.steps:
             pick = my_idx[torch.randint(len(my_idx), (s.batch_size,), generator=gen)]
-            x = tr_t1[pick, None].to(device)
-            total, terms, low = runner(x, tr_lab[pick].to(device), has_lab[pick].to(device),
+            x = tr_t1[pick, None]
+            x_seen = augment(x, gen) if s.augment else x
+            x, x_seen = x.to(device), x_seen.to(device)
+            total, terms, low = runner(x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device),
                                        tr_attr[pick].to(device), pick.to(device),
                                        memory["fields"], memory["attrs"], memory["filled"])
             optimizer.zero_grad(set_to_none=True)

@@ -37,6 +37,7 @@ from atlasmorph_cli.labels import N_CLASSES  # noqa: E402
 from atlasmorph_cli.model import AtlasMorph, ModelConfig  # noqa: E402
 from atlasmorph_cli.nn.networks import n_params  # noqa: E402
 from atlasmorph_cli.space import MODEL_GRID  # noqa: E402
+from atlasmorph_cli.augment import augment  # noqa: E402
 from atlasmorph_cli.train import TrainingStep, TrainSettings  # noqa: E402
 
 
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.warmup + args.steps):
         sync()
         busy0, cpu0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
-        total, terms, low_disp = step(x, labels, has, attrs, torch.tensor([i % args.subjects], device=dev),
+        x_seen = augment(x.cpu(), gen).to(dev) if settings.augment else x  # as the training loop does
+        total, terms, low_disp = step(x, x_seen, labels, has, attrs, torch.tensor([i % args.subjects], device=dev),
                                       mem_fields, mem_attrs, mem_filled)
         opt.zero_grad(set_to_none=True)
         total.backward()

@@ -76,3 +76,72 @@ def test_gradients_reach_both_networks():
     for name, p in reg.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert reg.down[0][0].weight.grad.abs().sum() > 0 and reg.flow.weight.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- deformable template (v2)
+def _ramp_base(net: TemplateNet) -> None:
+    """A base whose T1 is a ramp along x: a shift along x is then a known change of intensity."""
+    with torch.no_grad():
+        net.base.zero_()
+        net.base[0, 0] = torch.arange(SHAPE[0], dtype=torch.float32).view(-1, 1, 1).expand(*SHAPE)
+
+
+@pytest.mark.parametrize("n_attrs", [0, 2])
+def test_deformable_template_starts_at_the_identity(n_attrs):
+    torch.manual_seed(0)
+    plain = TemplateNet(n_attrs, SHAPE, n_classes=4, width=8)
+    deform = TemplateNet(n_attrs, SHAPE, n_classes=4, width=8, deform=True)
+    missing, unexpected = deform.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all("flow" in k for k in missing)
+    with torch.no_grad():
+        deform.base.normal_()
+        plain.base.copy_(deform.base)
+    a = torch.randn(3, n_attrs)
+    torch.testing.assert_close(deform(a), plain(a), atol=1e-4, rtol=0)  # a warp by zero resamples at the voxels
+    t1, logits, vel = deform.forward_train(a)
+    assert vel.shape == (3, 3, 16, 16, 16) and float(vel.abs().max()) == 0.0
+
+
+def test_constant_template_velocity_shifts_the_base():
+    net = TemplateNet(0, SHAPE, n_classes=3, deform=True, int_steps=5)
+    _ramp_base(net)
+    with torch.no_grad():  # 0.75 quarter-resolution voxels along x = 3 model voxels (a translation: exp(v) = v)
+        net.flow_const[:, 0] = 0.75
+    t1 = TemplateNet.split(net(torch.zeros(1, 0)))[0][0, 0]
+    inner = t1[8:24, 8:24, 8:24]
+    expect = net.base[0, 0, 8:24, 8:24, 8:24] + 3.0  # pull-back: out(x) = base(x + 3)
+    torch.testing.assert_close(inner, expect, atol=1e-4, rtol=0)
+    t1_train, _, vel = net.forward_train(torch.zeros(2, 0))
+    torch.testing.assert_close(t1_train[0, 0, 8:24, 8:24, 8:24], expect, atol=1e-4, rtol=0)
+    assert vel.shape == (2, 3, 16, 16, 16)
+
+
+def test_template_velocity_depends_on_attributes_and_gets_gradients():
+    torch.manual_seed(0)
+    net = TemplateNet(2, SHAPE, n_classes=3, width=8, deform=True)
+    _ramp_base(net)
+    with torch.no_grad():
+        net.flow_head.weight.normal_(std=1e-2)
+    _, _, vel = net.forward_train(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    assert float((vel[0] - vel[1]).abs().max()) > 0
+    from atlasmorph_cli.nn.losses import regression_to
+
+    loss = regression_to(vel, vel + 1.0)
+    loss.backward()
+    assert float(net.flow_head.weight.grad.abs().sum()) > 0
+    assert net.base.grad is None  # the centrality regression moves the deformation, not the base
+
+
+def test_regression_to_a_detached_target_converges_to_the_targets_mean():
+    """Regressing one field on several subjects' targets (the template centrality) finds their mean."""
+    gen = torch.Generator().manual_seed(0)
+    targets = torch.randn(6, 3, 4, 4, 4, generator=gen)
+    w = torch.zeros(1, 3, 4, 4, 4, requires_grad=True)
+    from atlasmorph_cli.nn.losses import regression_to
+
+    opt = torch.optim.Adam([w], lr=0.05)
+    for _ in range(400):
+        opt.zero_grad()
+        sum(regression_to(w, t[None]) for t in targets).backward()
+        opt.step()
+    torch.testing.assert_close(w[0], targets.mean(0), atol=0.01, rtol=0)

@@ -1,0 +1,188 @@
+"""Does the template age like the cohort? Template volume trajectories and sharpness of one or more models.
+
+    python benchmarks/conditioning.py --model models/atlasmorph-ixi-2mm-v1.safetensors --model runs/v2/model.safetensors \
+        --subjects docs/benchmarks/template_volumes.json --out docs/benchmarks/conditioning
+
+For each model and sex: the template's lateral ventricle, hippocampus and cortex volumes (sum of its
+probabilities, MNI mm3) from age 20 to 82, the ratio 75 / 25, and the template's sharpness (mean gradient
+magnitude of the T1 inside the brain at ages 25, 50, 75). The cohort's own trend is the linear fit over
+age of the IXI subjects' volumes from their DLMUSE label maps, divided by the determinant of their affine
+map to MNI (head-size normalised, as benchmarks/template_figures.py measures them; `--subjects` reuses a
+template_volumes.json that script wrote, else they are measured, `--cache` reusing a training cache's
+affine maps). Targets (issue 14): ventricles 75/25 >= 2.4, cortex within 0.04 of the cohort's ratio,
+hippocampus not growing. Writes conditioning.json, conditioning.md and trajectories.png into --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from template_figures import (  # noqa: E402
+    SEX_COLOURS, STRUCTURE_GROUPS, parse_ages, sexes_of, subject_volumes, template_for, template_volumes,
+)
+
+from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
+from atlasmorph_cli.pipeline import load  # noqa: E402
+
+YOUNG, OLD = 25.0, 75.0
+TARGET_VENTRICLE_RATIO = 2.4
+CORTEX_TOLERANCE = 0.04
+
+
+def cohort_fit(subjects: list[dict]) -> dict:
+    """Linear fit of each structure group's volume over age; its value at 25 and 75 and their ratio."""
+    ages = np.array([s["age"] for s in subjects], dtype=float)
+    out = {}
+    for name, _ in STRUCTURE_GROUPS:
+        vols = np.array([s["volumes_mm3"][name] for s in subjects], dtype=float)
+        slope, icpt = np.polyfit(ages, vols, 1)
+        young, old = icpt + slope * YOUNG, icpt + slope * OLD
+        out[name] = {"slope_mm3_per_year": float(slope), "at_25": float(young), "at_75": float(old),
+                     "ratio_75_25": float(old / young)}
+    return out
+
+
+def sharpness(t1: np.ndarray, brain: np.ndarray) -> float:
+    """Mean gradient magnitude (per voxel, [0, 1] intensity units) of a template T1 inside its brain."""
+    g = np.gradient(t1.astype(np.float64))
+    return float(np.sqrt(sum(c**2 for c in g))[brain].mean())
+
+
+def model_record(model, curve_ages: list[float]) -> dict:
+    """Curves, 75/25 ratios and sharpness of one model's templates, per sex."""
+    rec: dict = {"name": model.config.name, "attributes": model.config.encoder.names, "sexes": {}}
+    for sex in sexes_of(model):
+        curve = []
+        for a in curve_ages:
+            soft, _ = template_volumes(template_for(model, a, sex))
+            curve.append({"age": float(a), **soft})
+        young, _ = template_volumes(template_for(model, YOUNG, sex))
+        old, _ = template_volumes(template_for(model, OLD, sex))
+        sharp = {}
+        for a in (YOUNG, 50.0, OLD):
+            t = template_for(model, a, sex)
+            sharp[f"{a:g}"] = sharpness(t.t1, t.probs[0] < 0.5)
+        rec["sexes"][sex or "all"] = {
+            "curve": curve, "at_25": young, "at_75": old,
+            "ratio_75_25": {k: old[k] / young[k] for k in young}, "sharpness": sharp,
+        }
+    return rec
+
+
+def verdict(rec: dict, cohort: dict) -> dict:
+    """Issue 14's three trajectory targets, per sex."""
+    out = {}
+    for sex, r in rec["sexes"].items():
+        ratio = r["ratio_75_25"]
+        out[sex] = {
+            "ventricles_ratio_ge_2.4": ratio["Lateral ventricles"] >= TARGET_VENTRICLE_RATIO,
+            "cortex_within_0.04": abs(ratio["Cerebral cortex"] - cohort["Cerebral cortex"]["ratio_75_25"])
+            <= CORTEX_TOLERANCE,
+            "hippocampus_not_growing": ratio["Hippocampus"] <= 1.0,
+        }
+    return out
+
+
+def figure(records: list[dict], subjects: list[dict], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = ["--", "-", ":", "-."]
+    fig, axes = plt.subplots(1, len(STRUCTURE_GROUPS), figsize=(5.2 * len(STRUCTURE_GROUPS), 4.4))
+    for ax, (name, _) in zip(axes, STRUCTURE_GROUPS):
+        for sex in sorted({s["sex"] for s in subjects}, key=str):
+            pts = [s for s in subjects if s["sex"] == sex]
+            ax.scatter([s["age"] for s in pts], [s["volumes_mm3"][name] / 1000 for s in pts], s=10, alpha=0.35,
+                       color=SEX_COLOURS.get(sex, "tab:gray"), label=f"IXI {sex} (n={len(pts)})")
+        for k, rec in enumerate(records):
+            for sex, r in rec["sexes"].items():
+                ax.plot([p["age"] for p in r["curve"]], [p[name] / 1000 for p in r["curve"]], lw=2.2,
+                        ls=styles[k % len(styles)], color=SEX_COLOURS.get(sex if sex in SEX_COLOURS else None, "k"),
+                        label=f"{rec['name']} {sex}")
+        ax.set_title(f"{name} (left + right)", fontsize=10)
+        ax.set_xlabel("age (years)")
+        ax.set_ylabel("volume (cm³), MNI space", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def markdown(records: list[dict], cohort: dict, command: str) -> str:
+    names = [n for n, _ in STRUCTURE_GROUPS]
+    lines = [f"Produced by `{command}`.", "",
+             "| model | sex | " + " | ".join(f"{n} 75/25" for n in names) + " | sharpness 25 / 50 / 75 |",
+             "|---|---|" + "---|" * len(names) + "---|",
+             "| IXI cohort (linear fit) | all | " + " | ".join(f"{cohort[n]['ratio_75_25']:.2f}" for n in names)
+             + " | |"]
+    for rec in records:
+        for sex, r in rec["sexes"].items():
+            s = r["sharpness"]
+            lines.append(f"| {rec['name']} | {sex} | "
+                         + " | ".join(f"{r['ratio_75_25'][n]:.2f}" for n in names)
+                         + f" | {s['25']:.4f} / {s['50']:.4f} / {s['75']:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model", type=Path, action="append", default=None,
+                    help="model file (repeatable; default: the shipped model)")
+    ap.add_argument("--subjects", type=Path, default=None,
+                    help="a template_volumes.json of template_figures.py: reuse its subjects' volumes")
+    ap.add_argument("--cache", type=Path, default=None, help="training cache (affine maps) when measuring subjects")
+    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    ap.add_argument("--curve-ages", default="20:82:2", help="ages of the curves (default 20:82:2)")
+    ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/conditioning"), help="output folder")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+    command = "python benchmarks/conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    if args.subjects is not None:
+        subjects = json.loads(args.subjects.read_text())["subjects"]
+    else:
+        data = args.data or find_data_dir()
+        if data is None:
+            print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
+            return 2
+        subjects = subject_volumes(data, None, "mni", args.cache, args.threads)
+    cohort = cohort_fit(subjects)
+    records = []
+    with torch.no_grad():
+        for path in args.model or [None]:
+            p, model = load(path, args.threads)
+            rec = model_record(model, parse_ages(args.curve_ages))
+            rec["path"] = str(p)
+            rec["targets"] = verdict(rec, cohort)
+            records.append(rec)
+            print(f"{p}: " + "; ".join(
+                f"{sex}: " + ", ".join(f"{n.split()[-1]} x{r['ratio_75_25'][n]:.2f}" for n, _ in STRUCTURE_GROUPS)
+                for sex, r in rec["sexes"].items()), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    figure(records, subjects, args.out / "trajectories.png")
+    (args.out / "conditioning.json").write_text(json.dumps(
+        {"command": command, "cohort_fit": cohort, "n_subjects": len(subjects), "models": records}, indent=1) + "\n")
+    (args.out / "conditioning.md").write_text(markdown(records, cohort, command))
+    print(markdown(records, cohort, command))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
