@@ -8,8 +8,10 @@ The positional input is a batch when it is
   mask, as in training) and id (``subject``/``id``/``subject_id``/``participant_id``) columns, and
   attribute columns (``age``, ``sex``, ...).
 
-Relative paths in a list or CSV are relative to that file's folder. Images without a mask must be
-brain-extracted. Attributes: a CSV cell wins over ``--age/--sex/--attr``, which fill in for all
+Relative paths in a list or CSV are relative to that file's folder. An image without a mask is
+treated as a single image is (whole-head: brain-extracted first; skull-stripped: its non-zero
+voxels; ``--skullstripped`` for all; see brain_extraction.py). Attributes: a CSV cell wins over
+``--age/--sex/--attr``, which fill in for all
 subjects; a subject with no attribute at all gets the population-average template (with a warning),
 one with only some of them fails.
 
@@ -37,6 +39,8 @@ register   labels          ``sub-<label>_desc-atlasmorph_dseg.nii.gz`` (--labels
 register   jacobian        ``sub-<label>_space-template_desc-logjacobian_map.nii.gz`` (--jacobian)
 segment    dseg            ``sub-<label>_desc-atlasmorph_dseg.nii.gz`` (-o)
 segment    probseg         ``sub-<label>_desc-atlasmorph_probseg.nii.gz`` (--probs)
+both       brainmask       ``sub-<label>_desc-brain_mask.nii.gz`` (--brain-mask, the brain mask used)
+both       brain           ``sub-<label>_desc-brain_T1w.nii.gz`` (--brain, the skull-stripped image)
 segment    (always)        ``volumes.csv`` in --out-dir, or the path given with --vol: one row per
                            subject that succeeded (``subject`` column: the subject id)
 =========  ==============  ====================================================================
@@ -77,6 +81,9 @@ REGISTER_OUTPUTS = {
     "jacobian": "space-template_desc-logjacobian_map.nii.gz",
 }
 SEGMENT_OUTPUTS = {"dseg": "desc-atlasmorph_dseg.nii.gz", "probseg": "desc-atlasmorph_probseg.nii.gz"}
+BRAIN_OUTPUTS = {"brainmask": "desc-brain_mask.nii.gz", "brain": "desc-brain_T1w.nii.gz"}
+REGISTER_OUTPUTS.update(BRAIN_OUTPUTS)
+SEGMENT_OUTPUTS.update(BRAIN_OUTPUTS)
 DEFAULT_OUTPUTS = {"register": "moved,warp,labels", "segment": "dseg"}
 VOLUMES_NAME = "volumes.csv"
 MAX_LISTED = 10
@@ -225,13 +232,16 @@ def run_batch(
     on_subject: Callable[[int, BatchSubject, str | None], None] | None = None,
     quiet: bool = False,
     skip_existing: bool = False,
+    skullstripped: bool = False,
 ) -> BatchResult:
     """Run `register` or `segment` over every subject of `source`; raise if any subject failed.
 
     `on_subject(i, subject, error)` is called after each subject (error None on success); the
     benchmarks use it to sample memory. `refine`: instance-optimisation steps (None: the default).
+    `skullstripped`: every image without a mask is already brain-extracted (no extraction).
     """
-    from .commands import register_writes, write_volumes
+    from .brain_extraction import resolve_brain
+    from .commands import brain_writes, register_writes, write_volumes
     from .pipeline import REFINE_STEPS, encode_attributes, load, register
     from .warpio import WARP_FORMATS
 
@@ -281,12 +291,17 @@ def run_batch(
                 warn([f"sub-{s.label}: {w}" for w in warnings])
                 subj = load_volume(s.t1)
                 mask = load_volume(s.mask) if s.mask else None
-                reg = register(model, subj, vec, mask, refine=REFINE_STEPS if refine is None else refine)
+                brain = resolve_brain(subj, mask, skullstripped and mask is None)
+                warn([f"sub-{s.label}: {w}" for w in brain.warnings])
+                reg = register(model, subj, vec, brain.as_volume(subj),
+                               refine=REFINE_STEPS if refine is None else refine)
+                bpaths = {n: out_dir / s.name(BRAIN_OUTPUTS[n]) for n in names if n in BRAIN_OUTPUTS}
+                bwrites = brain_writes(subj, brain, bpaths.get("brainmask"), bpaths.get("brain"))
                 if command == "register":
                     paths = {n: out_dir / s.name(REGISTER_OUTPUTS[n]) for n in names}
                     writes = register_writes(reg, warp_format, paths.get("moved"), paths.get("template"),
                                              paths.get("warp"), paths.get("inverse"), paths.get("affine"),
-                                             paths.get("labels"), paths.get("jacobian"))
+                                             paths.get("labels"), paths.get("jacobian")) + bwrites
                     with all_or_nothing():
                         for w in writes:
                             w()
@@ -298,9 +313,11 @@ def run_batch(
                                     header=subj.header, dtype=np.int32)
                         if probs is not None:  # frame by frame (stream.py)
                             save_native_probs(reg, probs)
+                        for w in bwrites:
+                            w()
                     volumes.append((s.id, sums))
                     voxel_mm3.append(float(np.prod(subj.zooms)))
-                del reg, subj, mask
+                del reg, subj, mask, brain
             except AtlasMorphError as exc:
                 error = str(exc)
             except Exception as exc:  # one broken subject must not stop a cohort

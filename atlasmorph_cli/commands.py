@@ -13,6 +13,7 @@ from typing import Callable
 
 import numpy as np
 
+from .brain_extraction import Brain, resolve_brain
 from .errors import AtlasMorphError
 from .safety import outputs_not_inputs
 from .stream import save_native_probs
@@ -154,22 +155,40 @@ def _load_inputs(image: Path, mask: Path | None) -> tuple[Volume, Volume | None]
     return load_volume(image), (load_volume(mask) if mask else None)
 
 
+def brain_writes(subj: Volume, brain: Brain, brain_mask_out: Path | None = None,
+                 brain_out: Path | None = None) -> list[Callable[[], object]]:
+    """Writers of the brain mask (uint8) and the skull-stripped image, both on the input's grid."""
+    writes: list[Callable[[], object]] = []
+    if brain_mask_out:
+        writes.append(lambda: save_volume(brain.mask, subj.affine, brain_mask_out, header=subj.header, dtype=np.uint8))
+    if brain_out:
+        writes.append(lambda: save_volume(np.where(brain.mask, subj.data, 0).astype(np.float32), subj.affine,
+                                          brain_out, header=subj.header, dtype=np.float32))
+    return writes
+
+
 @outputs_not_inputs
 def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine_out, labels, jacobian,
-                 warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS) -> None:
+                 warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS, *,
+                 skullstripped: bool = False, brain_mask_out: Path | None = None,
+                 brain_out: Path | None = None) -> None:
     if warp_format not in WARP_FORMATS:
         raise AtlasMorphError(f"--warp-format must be one of {', '.join(WARP_FORMATS)}, got '{warp_format}'")
-    outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian])
+    outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian, brain_mask_out, brain_out])
     if not outs:
-        raise AtlasMorphError("no output requested: give at least one of -o, -O, -t, -T, --affine, --labels, --jacobian")
+        raise AtlasMorphError("no output requested: give at least one of -o, -O, -t, -T, --affine, --labels, "
+                              "--jacobian, --brain-mask, --brain")
     subj, m = _load_inputs(image, mask)
+    brain = resolve_brain(subj, m, skullstripped)
+    warn(brain.warnings)
     _, model = load(model_path, threads)
     vec, warnings = encode_attributes(model, attrs)
     warn(warnings)
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
-    reg = register(model, subj, vec, m, refine=refine)
+    reg = register(model, subj, vec, brain.as_volume(subj), refine=refine)
     writes = register_writes(reg, warp_format, moved, template_out, trans, inverse, affine_out, labels, jacobian)
+    writes += brain_writes(subj, brain, brain_mask_out, brain_out)
     with all_or_nothing():
         for w in writes:
             w()
@@ -215,18 +234,24 @@ def write_volumes(path: Path, rows: list[tuple[str, np.ndarray]], voxel_mm3: lis
 
 @outputs_not_inputs
 def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn,
-                refine: int = REFINE_STEPS) -> None:
-    _check_outputs([output, probs, vol])
+                refine: int = REFINE_STEPS, *, skullstripped: bool = False, brain_mask_out: Path | None = None,
+                brain_out: Path | None = None) -> None:
+    _check_outputs([output, probs, vol, brain_mask_out, brain_out])
     subj, m = _load_inputs(image, mask)
+    brain = resolve_brain(subj, m, skullstripped)
+    warn(brain.warnings)
     _, model = load(model_path, threads)
     vec, warnings = encode_attributes(model, attrs)
     warn(warnings)
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
-    reg = register(model, subj, vec, m, refine=refine)
+    reg = register(model, subj, vec, brain.as_volume(subj), refine=refine)
     seg, sums = reg.labels_to_native()
+    writes = brain_writes(subj, brain, brain_mask_out, brain_out)
     with all_or_nothing():
         save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
+        for w in writes:
+            w()
         if probs:  # frame by frame (stream.py): the 35 native frames are never held together
             save_native_probs(reg, probs)
         if vol:

@@ -75,8 +75,14 @@ class _ModelInputSpec(CommandLineInputSpec):
 
 class _SubjectInputSpec(_ModelInputSpec):
     in_file = File(exists=True, mandatory=True, argstr="%s", position=0,
-                   desc="brain-extracted T1 (or whole-head with mask_file), any orientation")
-    mask_file = File(exists=True, argstr="--mask %s", desc="brain mask on the image's grid")
+                   desc="T1, any orientation: whole-head (brain-extracted first), skull-stripped, or with mask_file")
+    mask_file = File(exists=True, argstr="--mask %s", xor=["skullstripped"], desc="brain mask on the image's grid")
+    skullstripped = traits.Bool(argstr="--skullstripped", xor=["mask_file"],
+                                desc="in_file is already brain-extracted (its non-zero voxels are the brain)")
+    brain_mask_file = _on_request("--brain-mask %s", "%s_brainmask.nii.gz", "brain mask used (input's grid)",
+                                  name_source="in_file")
+    brain_file = _on_request("--brain %s", "%s_brain.nii.gz", "skull-stripped image (input's grid)",
+                             name_source="in_file")
     refine = traits.Range(low=0, argstr="--refine %d",
                           desc="instance-optimisation steps on the network's warp (default: the command's, 10)")
 
@@ -178,6 +184,8 @@ class RegisterOutputSpec(TraitedSpec):
     affine_file = File(exists=True, desc="affine part (ITK text)")
     labels_file = File(exists=True, desc="template labels in subject space")
     jacobian_file = File(exists=True, desc="log-Jacobian determinant")
+    brain_mask_file = File(exists=True, desc="brain mask used")
+    brain_file = File(exists=True, desc="skull-stripped image")
 
 
 class Register(_AtlasMorphCommand):
@@ -207,6 +215,8 @@ class SegmentOutputSpec(TraitedSpec):
     seg_file = File(exists=True, desc="segmentation")
     probs_file = File(exists=True, desc="4D label probabilities")
     volumes_file = File(exists=True, desc="structure volumes (CSV, one row)")
+    brain_mask_file = File(exists=True, desc="brain mask used")
+    brain_file = File(exists=True, desc="skull-stripped image")
 
 
 class Segment(_AtlasMorphCommand):

@@ -70,7 +70,8 @@ def build_workflow(
 ) -> Workflow:
     """A workflow registering and segmenting each subject given to its ``inputnode``.
 
-    inputnode fields (lists of equal length): ``in_file`` (T1 images; brain-extracted unless masks),
+    inputnode fields (lists of equal length): ``in_file`` (T1 images: whole-head ones are brain-extracted
+    by each command, skull-stripped ones are used as they are, see brain_extraction.py),
     ``age``, ``sex``, ``mask_file`` (only read with ``masks=True``) and optional ``subject_id``.
     ``model``: model file (default: the shipped model); ``threads``: torch threads per process (the
     nodes' n_procs for MultiProc); ``warp_format``: fs or itk; ``use_gpu``: MultiProc GPU-slot hint only.
