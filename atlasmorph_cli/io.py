@@ -304,7 +304,7 @@ def save_volume(
     """Write `data` with `affine` (qform and sform both set) to .nii/.nii.gz/.mgz, atomically."""
     path = Path(path)
     suffix = suffix_of(path)
-    arr = np.asarray(data if dtype is None else np.asarray(data).astype(dtype))
+    arr = np.asarray(data if dtype is None else np.asarray(data).astype(dtype, copy=False))  # no copy if it is one
     if suffix == ".mgz":
         if arr.dtype == np.float64:
             arr = arr.astype(np.float32)

@@ -176,7 +176,7 @@ class Registration:
     def warp_template_to_subject_mm(self) -> np.ndarray:
         """Displacement (X,Y,Z,3) in RAS mm on the subject grid: subject point -> template point."""
         shape, aff = self.subject.shape, self.subject.affine
-        out = np.zeros((*shape, 3), dtype=np.float64)
+        out = np.zeros((*shape, 3), dtype=np.float32)  # computed in float64 slab by slab, stored as written
         g = torch.as_tensor(self.grid.affine, dtype=torch.float64)
         for rows in _slabs(shape):
             c = self.native_to_template_coords(shape, aff, rows)[0].double()

@@ -184,14 +184,17 @@ def pick_subjects(rows: list[dict], ids, n: int | None) -> list[dict]:
 
 # ------------------------------------------------------------------------------------ worker side
 def _subject(task: dict):
-    """(brain Volume, mask, truth class indices) of one subject: its T1 inside its own seg > 0."""
+    """(brain Volume, mask, truth class indices) of one subject: its T1 inside its own seg > 0.
+
+    Optional task entries (used by ood_benchmark.py): "mask", a brain-mask file (> 0) used instead of
+    seg > 0, and "seg_scheme", the numbering of the seg file ("muse", the default, or "freesurfer")."""
     from atlasmorph_cli.io import Volume, load_volume
 
     t1 = load_volume(task["t1"])
     seg = load_volume(task["seg"])
-    mask = seg.data > 0
+    mask = (load_volume(task["mask"]).data > 0) if task.get("mask") else seg.data > 0
     brain = Volume(t1.data * mask, t1.affine, t1.header, t1.source)
-    return brain, mask, labels.to_index(seg.data, "muse")
+    return brain, mask, labels.to_index(seg.data, task.get("seg_scheme", "muse"))
 
 
 def _score(pred_index: np.ndarray, truth: np.ndarray) -> dict:
@@ -459,7 +462,7 @@ def task_key(task: dict) -> str:
     for k in ("model", "template", "template_labels"):
         if k in keep:
             keep[k] = content_sha256(keep[k])
-    for k in ("t1", "seg"):
+    for k in ("t1", "seg", "mask"):
         if k in keep:
             keep[k] = Path(keep[k]).name
     if "subjects" in keep:

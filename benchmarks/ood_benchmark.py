@@ -1,0 +1,550 @@
+"""Out-of-distribution segmentation benchmark (issue 16): IXI validation subjects under site and scanner changes.
+
+The test set is made from what the project has. Every IXI validation subject (brain-extracted with its own
+DLMUSE `seg > 0`, as segmentation_benchmark.py does) is written once per perturbation, deterministically
+(the seed of each (subject, perturbation) is derived from --seed, the subject id and the perturbation):
+
+  clean      the brain as is (2 mm, PSR, the IXI grid)
+  bias40     times a smooth multiplicative bias field with values in [0.6, 1.4] (low-order cosine series,
+             at most 2 half-periods across the field of view per axis, random coefficients)
+  gamma0.6   intensities x -> max * (x / max)^0.6 inside the brain (brighter grey matter, flatter contrast)
+  gamma1.6   the same with exponent 1.6 (darker grey matter, stronger contrast)
+  conform    FreeSurfer-style `mri_convert --conform` + T1 normalisation: 256^3, 1 mm, LIA, the input's centre
+             kept at voxel (128, 128, 128) (trilinear), then scaled so that the median of cerebral white
+             matter is 110, clipped to 0..255, uint8; mask and labels carried by nearest neighbour
+  conform-float  (a control, not in the default set) the conformed grid with the clean float intensities:
+             what the grid change alone costs, separate from the uint8 / white-matter scaling
+  thick6     a 2 x 2 x 6 mm acquisition: 3 slices averaged along the voxel axis nearest to world S-I, then
+             linearly interpolated back onto the 2 mm grid (labels unchanged)
+  mni152     one extra subject: FSL's MNI152 T1 inside its DLMUSE > 0 mask, with its DLMUSE labels, on the
+             1 mm DLMUSE grid (182 x 218 x 182, LPS). The shared data hold the 2 mm T1 only; it is resampled
+             (trilinear) onto that 1 mm grid. NB the ANTs methods use the same MNI152 brain as their atlas,
+             so for them this is registration of an image to (an upsampled copy of) itself.
+
+Ground truth: the subject's DLMUSE labels mapped to the 34 coarse structures (`atlasmorph_cli.labels`),
+written with FreeSurfer ids. Files go to WORKDIR/subjects/<perturbation>/ (outside the repository).
+
+Methods (each returns a label map on the perturbed image's own grid, scored with Dice over the 34 structures;
+the AtlasMorph and ANTs code is segmentation_benchmark's, imported):
+
+  atlasmorph          pipeline.register + labels_to_native with the subject's true age and sex and the default
+                      test-time refinement (what `atlasmorph segment IMG --mask MASK --age A --sex S` does);
+                      MNI152: the population-average template (no attributes)
+  atlasmorph-refine0  the same with `--refine 0`
+  ants-affine         ants.registration(fixed=subject at 2 mm, moving=MNI152 2 mm brain, 'Affine'), labels pulled
+                      from the MNI152 1 mm DLMUSE map ('genericLabel')
+  ants-syn            the same with 'SyN' (antspyx default)
+
+antspyx is optional (`pip install antspyx`, or the `bench` extra); without it the ANTs methods are skipped
+and the report says so. Every (method, subject, perturbation) result is kept as JSON in --results, keyed by
+content (model file, the perturbed image, mask and labels, the method and its settings), so a stopped run
+continues, and later runs add methods, subjects or perturbations without redoing what is there.
+
+    python benchmarks/ood_benchmark.py --subjects 3 --threads 1 --workdir runs/ood \\
+        --results docs/benchmarks/ood-results [--methods ...] [--perturbations ...] [--model M]
+
+writes WORKDIR/ood.json and WORKDIR/ood.md (or --out DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see segmentation_benchmark.py
+
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from atlasmorph_cli import labels  # noqa: E402
+from benchmarks import segmentation_benchmark as sb  # noqa: E402
+
+GENERATOR_VERSION = 1  # bump when a perturbation changes (the content keys change anyway)
+DEFAULT_SPLIT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "atlasmorph-ixi-2mm-v1_split.json"
+
+PERTURBATIONS: dict[str, dict] = {
+    "clean": {"kind": "clean"},
+    "bias40": {"kind": "bias", "strength": 0.4, "n_freq": 2},
+    "gamma0.6": {"kind": "gamma", "gamma": 0.6},
+    "gamma1.6": {"kind": "gamma", "gamma": 1.6},
+    "conform": {"kind": "conform", "size": 256, "voxel_mm": 1.0, "wm_value": 110.0},
+    # control, not in the default set: the conformed grid with the clean float intensities (geometry only)
+    "conform-float": {"kind": "conform", "size": 256, "voxel_mm": 1.0, "wm_value": None},
+    "thick6": {"kind": "thick", "factor": 3},
+    "mni152": {"kind": "mni152"},
+}
+DEFAULT_PERTURBATIONS = tuple(p for p in PERTURBATIONS if p != "conform-float")
+PERTURBATION_LABEL = {
+    "clean": "clean (2 mm, IXI)",
+    "bias40": "bias field ±40 %",
+    "gamma0.6": "gamma 0.6",
+    "gamma1.6": "gamma 1.6",
+    "conform": "FreeSurfer-conformed (1 mm, 256³, LIA, uint8, WM = 110)",
+    "conform-float": "conformed grid only (1 mm, 256³, LIA; float, intensities as clean)",
+    "thick6": "thick slices (2 × 2 × 6 mm, axial)",
+    "mni152": "MNI152 T1 as a subject (1 mm grid)",
+}
+METHODS = ("atlasmorph", "atlasmorph-refine0", "ants-affine", "ants-syn")
+OURS = ("atlasmorph", "atlasmorph-refine0")
+ANTS_TRANSFORMS = {"ants-affine": "Affine", "ants-syn": "SyN"}
+METHOD_LABEL = {
+    "atlasmorph": "AtlasMorph (default refinement)",
+    "atlasmorph-refine0": "AtlasMorph `--refine 0`",
+    "ants-affine": "ANTs affine",
+    "ants-syn": "ANTs SyN",
+}
+WITHIN = 0.01  # issue 16: Dice within 0.01 of clean on every perturbation
+
+
+# ------------------------------------------------------------------------------------ perturbations
+def seed_for(base: int, subject: str, perturbation: str) -> int:
+    """A seed that depends only on (base seed, subject id, perturbation name), stable across Pythons."""
+    h = hashlib.sha256(f"{base}:{subject}:{perturbation}".encode()).digest()
+    return int.from_bytes(h[:8], "little")
+
+
+def smooth_bias_field(shape, strength: float = 0.4, seed: int = 0, n_freq: int = 2) -> np.ndarray:
+    """A smooth multiplicative field over `shape` with values in [1 - strength, 1 + strength] (both reached).
+
+    Sum of separable cosines cos(pi k x) (x in [0, 1] along each axis, k = 0..n_freq, not all 0) with
+    normal coefficients that shrink with frequency, rescaled to [-1, 1]."""
+    rng = np.random.default_rng(seed)
+    axes = [np.linspace(0.0, 1.0, int(n)) for n in shape]
+    basis = [[np.cos(np.pi * k * a) for k in range(n_freq + 1)] for a in axes]
+    f = np.zeros(tuple(int(n) for n in shape), dtype=np.float64)
+    for kx in range(n_freq + 1):
+        for ky in range(n_freq + 1):
+            for kz in range(n_freq + 1):
+                if kx == ky == kz == 0:
+                    continue
+                c = rng.normal() / (1.0 + kx * kx + ky * ky + kz * kz)
+                f += c * basis[0][kx][:, None, None] * basis[1][ky][None, :, None] * basis[2][kz][None, None, :]
+    lo, hi = f.min(), f.max()
+    f = 2.0 * (f - lo) / (hi - lo) - 1.0 if hi > lo else np.zeros_like(f)
+    return (1.0 + strength * f).astype(np.float32)
+
+
+def gamma_change(data: np.ndarray, mask: np.ndarray, gamma: float) -> np.ndarray:
+    """x -> top * (x / top)^gamma inside the mask (top: the brain's maximum, negatives clipped to 0); 0 outside.
+    Monotone non-decreasing in x; 0 and the maximum stay where they are."""
+    d = np.asarray(data, dtype=np.float32)
+    m = np.asarray(mask, dtype=bool)
+    top = float(d[m].max()) if m.any() else 0.0
+    out = np.zeros_like(d)
+    if top > 0:
+        out[m] = top * np.clip(d[m] / top, 0.0, 1.0) ** gamma
+    return out
+
+
+LIA = np.array([[-1.0, 0.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0]])  # i -> Left, j -> Inferior, k -> Anterior
+
+
+def conform_affine(affine: np.ndarray, shape, size: int = 256, voxel_mm: float = 1.0) -> np.ndarray:
+    """FreeSurfer's conformed voxel-to-world affine: size^3 voxels of voxel_mm, LIA, with the world centre of
+    the input (its voxel shape/2, FreeSurfer's c_ras) at voxel size/2."""
+    c_ras = (np.asarray(affine, dtype=np.float64) @ np.r_[np.asarray(shape, dtype=np.float64) / 2.0, 1.0])[:3]
+    out = np.eye(4)
+    out[:3, :3] = LIA * voxel_mm
+    out[:3, 3] = c_ras - out[:3, :3] @ np.full(3, size / 2.0)
+    return out
+
+
+WM_INDICES = tuple(i + 1 for i, s in enumerate(labels.STRUCTURES) if s.name.endswith("Cerebral-White-Matter"))
+
+
+def conform(brain: np.ndarray, mask: np.ndarray, index: np.ndarray, affine: np.ndarray,
+            size: int = 256, voxel_mm: float = 1.0, wm_value: float = 110.0):
+    """(uint8 image, mask, index labels, affine) as `mri_convert --conform` + T1 normalisation would give:
+    trilinear onto the conformed grid, nearest neighbour for mask and labels, then intensities scaled so
+    that the median of the cerebral white matter (from the labels) is wm_value, clipped to 0..255, rounded."""
+    from atlasmorph_cli.space import Grid, resample
+
+    dst = conform_affine(affine, np.shape(brain), size, voxel_mm)
+    grid = Grid((size, size, size), dst)
+    img = resample(np.ascontiguousarray(brain, dtype=np.float32), affine, grid, order=1)
+    m = resample(np.ascontiguousarray(mask, dtype=np.float32), affine, grid, order=0) > 0.5
+    idx = np.rint(resample(np.ascontiguousarray(index, dtype=np.float32), affine, grid, order=0)).astype(np.uint8)
+    if wm_value is None:  # the grid change alone (a control): float intensities as they were
+        img[~m] = 0
+        return img.astype(np.float32), m, idx, dst
+    wm = np.isin(idx, WM_INDICES) & m
+    ref = float(np.median(img[wm])) if wm.any() else float(np.percentile(img[m], 90)) if m.any() else 1.0
+    img = np.clip(np.rint(img * (wm_value / max(ref, 1e-6))), 0, 255).astype(np.uint8)
+    img[~m] = 0
+    return img, m, idx, dst
+
+
+def slice_axis(affine: np.ndarray) -> int:
+    """The voxel axis whose direction is nearest to world S-I (axial slices are stacked along it)."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    return int(np.argmax(np.abs(a[2]) / np.linalg.norm(a, axis=0)))
+
+
+def thick_slices(data: np.ndarray, axis: int, factor: int = 3) -> np.ndarray:
+    """A thick-slice acquisition on the same grid: blocks of `factor` slices along `axis` averaged (the last
+    block may be shorter), then linearly interpolated back between the block centres (constant beyond)."""
+    d = np.asarray(data, dtype=np.float32)
+    n = d.shape[axis]
+    starts = np.arange(0, n, factor)
+    means = np.stack([d.take(np.arange(s, min(s + factor, n)), axis=axis).mean(axis=axis) for s in starts], axis=axis)
+    centres = np.array([(s + min(s + factor, n) - 1) / 2.0 for s in starts])
+    if len(starts) == 1:
+        return np.repeat(means, n, axis=axis).astype(np.float32)
+    pos = np.arange(n, dtype=np.float64)
+    lo = np.clip(np.searchsorted(centres, pos, side="right") - 1, 0, len(centres) - 2)
+    w = np.clip((pos - centres[lo]) / (centres[lo + 1] - centres[lo]), 0.0, 1.0)
+    shape = [1] * d.ndim
+    shape[axis] = n
+    w = w.reshape(shape).astype(np.float32)
+    return ((1.0 - w) * means.take(lo, axis=axis) + w * means.take(lo + 1, axis=axis)).astype(np.float32)
+
+
+def perturb(brain, mask, index, affine, params: dict, seed: int):
+    """(image, mask, index, affine) of one perturbation of a brain-extracted subject (not mni152)."""
+    kind = params["kind"]
+    mask = np.asarray(mask, dtype=bool)
+    if kind == "clean":
+        return np.asarray(brain, dtype=np.float32), mask, index, affine
+    if kind == "bias":
+        field = smooth_bias_field(np.shape(brain), params["strength"], seed, params.get("n_freq", 2))
+        return (np.asarray(brain, dtype=np.float32) * field) * mask, mask, index, affine
+    if kind == "gamma":
+        return gamma_change(brain, mask, params["gamma"]), mask, index, affine
+    if kind == "conform":
+        return conform(brain, mask, index, affine, params["size"], params["voxel_mm"], params["wm_value"])
+    if kind == "thick":
+        return thick_slices(brain, slice_axis(affine), params["factor"]) * mask, mask, index, affine
+    raise ValueError(f"unknown perturbation kind {kind!r}")
+
+
+# ------------------------------------------------------------------------------------ test-set files
+def _save(path: Path, data, affine, dtype) -> None:
+    from atlasmorph_cli.io import save_volume
+
+    save_volume(np.asarray(data), affine, path, dtype=dtype)
+
+
+def _files(folder: Path, subject: str) -> dict:
+    return {"t1": folder / f"{subject}_T1.nii.gz", "mask": folder / f"{subject}_mask.nii.gz",
+            "seg": folder / f"{subject}_labels34.nii.gz", "manifest": folder / f"{subject}.json"}
+
+
+def write_case(folder: Path, subject: str, image, mask, index, affine, manifest: dict) -> dict:
+    """Write image (uint8 if it is uint8, else float32), mask (uint8) and truth (FreeSurfer ids, int16)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    f = _files(folder, subject)
+    _save(f["t1"], image, affine, np.uint8 if np.asarray(image).dtype == np.uint8 else np.float32)
+    _save(f["mask"], np.asarray(mask, dtype=np.uint8), affine, np.uint8)
+    _save(f["seg"], labels.to_freesurfer(index), affine, np.int16)
+    f["manifest"].write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    return f
+
+
+def make_case(subject: dict, name: str, workdir: Path, data_dir: Path, base_seed: int) -> dict:
+    """The files of (subject, perturbation), generated unless already there with the same manifest."""
+    params = PERTURBATIONS[name]
+    folder = workdir / "subjects" / name
+    sid = subject["subject"]
+    seed = seed_for(base_seed, sid, name)
+    manifest = {"generator_version": GENERATOR_VERSION, "perturbation": name, "params": params,
+                "subject": sid, "seed": seed if params["kind"] == "bias" else None}
+    f = _files(folder, sid)
+    if all(p.is_file() for p in f.values()) and json.loads(f["manifest"].read_text()) == manifest:
+        return f
+    from atlasmorph_cli.io import load_volume
+
+    if params["kind"] == "mni152":
+        from atlasmorph_cli.reference import MNI_LABELS, MNI_T1
+        from atlasmorph_cli.space import Grid, resample
+
+        lab = load_volume(data_dir / MNI_LABELS)
+        t1 = load_volume(data_dir / MNI_T1)
+        grid = Grid(tuple(lab.shape), lab.affine)
+        mask = lab.data > 0
+        image = resample(t1.data, t1.affine, grid, order=1) * mask
+        return write_case(folder, sid, image.astype(np.float32), mask, labels.to_index(lab.data, "muse"),
+                          lab.affine, manifest)
+    t1 = load_volume(subject["t1"])
+    seg = load_volume(subject["seg"])
+    mask = seg.data > 0
+    index = labels.to_index(seg.data, "muse")
+    image, m, idx, aff = perturb(t1.data * mask, mask, index, t1.affine, params, seed)
+    return write_case(folder, sid, image, m, idx, aff, manifest)
+
+
+MNI_SUBJECT = {"subject": "MNI152", "age": None, "sex": None}
+
+
+# ------------------------------------------------------------------------------------ summary
+def _mean(values) -> float | None:
+    v = [x for x in values if x is not None and math.isfinite(x)]
+    return float(np.mean(v)) if v else None
+
+
+def summarise(results: dict, methods: list[str], perturbations: list[str]) -> dict:
+    """results[perturbation][subject][method] = record. Per perturbation and method: n, mean Dice, the
+    drop from clean on the same subjects (mni152: against the mean clean Dice of all IXI subjects), and
+    the checks of issue 16 for the AtlasMorph methods."""
+    out: dict = {}
+    clean = results.get("clean", {})
+    for p in perturbations:
+        rows = results.get(p, {})
+        entry: dict = {}
+        for m in methods:
+            got = {s: r[m]["dice"] for s, r in rows.items() if r.get(m, {}).get("dice") is not None}
+            mean = _mean(got.values())
+            if p == "mni152" or p == "clean":
+                ref = _mean(r[m]["dice"] for r in clean.values() if r.get(m, {}).get("dice") is not None)
+                drop = None if mean is None or ref is None else mean - ref
+                paired = None
+            else:
+                both = [s for s in got if clean.get(s, {}).get(m, {}).get("dice") is not None]
+                drop = _mean(got[s] - clean[s][m]["dice"] for s in both) if both else None
+                paired = len(both)
+            entry[m] = {"n": len(got), "dice": mean, "drop_from_clean": drop, "n_paired_with_clean": paired,
+                        "per_subject": got}
+        for m in (x for x in methods if x in OURS):
+            e = entry[m]
+            if e["dice"] is None:
+                continue
+            checks = {"within_0.01_of_clean": None if e["drop_from_clean"] is None else e["drop_from_clean"] >= -WITHIN}
+            for a in (x for x in methods if x in ANTS_TRANSFORMS):
+                both = [s for s in e["per_subject"] if s in entry[a]["per_subject"]]
+                if both:
+                    ours = float(np.mean([e["per_subject"][s] for s in both]))
+                    theirs = float(np.mean([entry[a]["per_subject"][s] for s in both]))
+                    checks[f"ahead_of_{a}"] = ours > theirs
+                    checks[f"margin_over_{a}"] = ours - theirs
+            e["checks"] = checks
+        if "atlasmorph" in entry and "atlasmorph-refine0" in entry:
+            a, b = entry["atlasmorph"]["per_subject"], entry["atlasmorph-refine0"]["per_subject"]
+            both = [s for s in a if s in b]
+            if both:
+                gain = float(np.mean([a[s] - b[s] for s in both]))
+                entry["refinement"] = {"gain": gain, "lowers_mean_dice": gain < 0, "n": len(both),
+                                       "lower_on": sum(a[s] < b[s] for s in both)}
+        out[p] = entry
+    return out
+
+
+def _f(x, fmt=".3f", signed=False) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+{fmt}}" if signed else f"{x:{fmt}}"
+
+
+def _yn(x) -> str:
+    return "–" if x is None else ("yes" if x else "**no**")
+
+
+def markdown(res: dict) -> str:
+    methods, perts, s = res["methods"], res["perturbations"], res["summary"]
+    lines = [
+        "# Out-of-distribution segmentation (issue 16)",
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Model: `{res['model']}` (sha256 {res['model_sha256'][:12]}…); subjects: {', '.join(res['subjects'])} "
+        f"(first {len(res['subjects'])} IXI validation subjects by id, split `{res['split']}`); seed {res['seed']}; "
+        f"threads {res['threads']}; machine: {res['machine']}; versions: "
+        + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v) + ".",
+        "",
+        "## Mean Dice over the 34 structures (change from clean on the same subjects)",
+        "",
+        "| perturbation | n | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
+        "|---|---|" + "---|" * len(methods),
+    ]
+    for p in perts:
+        n = max((s[p][m]["n"] for m in methods), default=0)
+        cells = [f"{_f(s[p][m]['dice'])} ({_f(s[p][m]['drop_from_clean'], signed=True)})" if p != "clean"
+                 else _f(s[p][m]["dice"]) for m in methods]
+        lines.append(f"| {PERTURBATION_LABEL[p]} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "MNI152: one image; its change is against the mean clean Dice of the IXI subjects.", ""]
+    ours = [m for m in methods if m in OURS]
+    ants = [m for m in methods if m in ANTS_TRANSFORMS]
+    if ours:
+        head = ["perturbation", "method", "within 0.01 of clean"] + [f"ahead of {METHOD_LABEL[a]} (margin)" for a in ants]
+        lines += ["## Checks of issue 16", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for p in perts:
+            for m in ours:
+                c = s[p][m].get("checks")
+                if not c:
+                    continue
+                cells = [f"{_yn(c.get(f'ahead_of_{a}'))} ({_f(c.get(f'margin_over_{a}'), signed=True)})" for a in ants]
+                lines.append("| " + " | ".join([PERTURBATION_LABEL[p], METHOD_LABEL[m], _yn(c["within_0.01_of_clean"])] + cells)
+                             + " |")
+        if "atlasmorph" in ours and "atlasmorph-refine0" in ours:
+            lines += ["", "## Does the test-time refinement lower mean Dice?", "",
+                      "| perturbation | refined − `--refine 0` | lowers mean Dice | subjects where it lowers Dice |",
+                      "|---|---|---|---|"]
+            for p in perts:
+                r = s[p].get("refinement")
+                if r:
+                    lines.append(f"| {PERTURBATION_LABEL[p]} | {r['gain']:+.4f} | {'**yes**' if r['lowers_mean_dice'] else 'no'} | "
+                                 f"{r['lower_on']} of {r['n']} |")
+    lines += ["", "## Per subject (Dice)", "", "| perturbation | subject | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
+              "|---|---|" + "---|" * len(methods)]
+    for p in perts:
+        subs = sorted({x for m in methods for x in s[p][m]["per_subject"]})
+        for x in subs:
+            lines.append(f"| {p} | {x} | " + " | ".join(_f(s[p][m]["per_subject"].get(x), ".4f") for m in methods) + " |")
+    for n in res.get("notes") or []:
+        lines += ["", n]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------ main
+def _csv_list(text: str | None, allowed, default) -> list[str]:
+    if not text:
+        return list(default)
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = [t for t in items if t not in allowed]
+    if bad:
+        raise SystemExit(f"unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[1:]))
+    ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped model)")
+    ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT, help=f"split.json (default {DEFAULT_SPLIT.name})")
+    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    ap.add_argument("--subjects", type=int, default=3, help="first N validation subjects by id (default 3; 0: all)")
+    ap.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)} (default: all)")
+    ap.add_argument("--perturbations", default=None,
+                    help=f"comma list from {','.join(PERTURBATIONS)} (default: all but conform-float; clean is always added)")
+    ap.add_argument("--workdir", type=Path, default=Path("runs/ood"),
+                    help="where the perturbed subjects go, outside the repository (default runs/ood)")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="per-(method, perturbation, subject) result JSON, reused when the inputs match (default WORKDIR/results)")
+    ap.add_argument("--out", type=Path, default=None, help="folder for ood.json and ood.md (default WORKDIR)")
+    ap.add_argument("--seed", type=int, default=0, help="base seed of the random perturbations (default 0)")
+    ap.add_argument("--threads", type=int, default=2, help="threads for torch and ITK (default 2)")
+    ap.add_argument("--refine", type=int, default=None, help="steps of the 'atlasmorph' method (default: the CLI's)")
+    ap.add_argument("--cached-only", action="store_true", help="run nothing new: report what --results holds")
+    args = ap.parse_args(argv)
+
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # inherited by the workers
+    import torch
+
+    from atlasmorph_cli.datadir import find_data_dir
+    from atlasmorph_cli.errors import AtlasMorphError
+    from atlasmorph_cli.pipeline import REFINE_LR, REFINE_STEPS, resolve_model
+
+    torch.set_num_threads(args.threads)
+    refine = REFINE_STEPS if args.refine is None else args.refine
+    methods = _csv_list(args.methods, METHODS, METHODS)
+    perts = _csv_list(args.perturbations, tuple(PERTURBATIONS), DEFAULT_PERTURBATIONS)
+    if "clean" not in perts:
+        perts.insert(0, "clean")
+    data_dir = args.data or find_data_dir()
+    if data_dir is None or not (data_dir / "ixi" / "subjects.csv").exists():
+        print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
+        return 2
+    try:
+        model_path = resolve_model(args.model)
+    except AtlasMorphError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    notes: list[str] = []
+    if any(m in ANTS_TRANSFORMS for m in methods) and not args.cached_only:
+        try:
+            import ants  # noqa: F401  (optional; the workers import it themselves)
+        except ImportError as exc:
+            skipped = [m for m in methods if m in ANTS_TRANSFORMS]
+            notes.append(f"**antspyx is not installed** ({exc}): {', '.join(skipped)} not run. "
+                         "Install it with `pip install antspyx` (or `pip install '.[bench]'`).")
+            print("ANTs methods skipped: antspyx is not installed (pip install antspyx, or pip install '.[bench]')",
+                  file=sys.stderr)
+            methods = [m for m in methods if m not in ANTS_TRANSFORMS]
+
+    split, split_source = sb.split_ids(args.split, model_path)
+    with open(data_dir / "ixi" / "subjects.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    ixi = data_dir / "ixi"
+    val = sb.pick_subjects(rows, split.get("validation", []), args.subjects or None)
+    for r in val:
+        r["t1"], r["seg"] = str(ixi / r["t1"]), str(ixi / r["seg"])
+    workdir = args.workdir
+    scratch = workdir / "scratch"
+    scratch.mkdir(parents=True, exist_ok=True)
+    results_dir = args.results or workdir / "results"
+    mni_t1 = mni_labels = None
+    if any(m in ANTS_TRANSFORMS for m in methods):
+        mni_t1, mni_labels = sb.prepare_mni(data_dir, workdir)
+
+    cases = [(p, r) for p in perts for r in ([MNI_SUBJECT] if p == "mni152" else val)]
+    print(f"{len(val)} validation subjects ({split_source}); perturbations {', '.join(perts)}; methods "
+          f"{', '.join(methods)}", flush=True)
+    files = {}
+    for p, r in cases:
+        t0 = time.perf_counter()
+        files[(p, r["subject"])] = make_case(r, p, workdir, data_dir, args.seed)
+        print(f"  test set {p:<9} {r['subject']:<16} ready ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    def make_task(m: str, p: str, r: dict) -> dict:
+        f = files[(p, r["subject"])]
+        base = {"threads": args.threads, "scratch": str(scratch), "subject": r["subject"], "perturbation": p,
+                "t1": str(f["t1"]), "seg": str(f["seg"]), "mask": str(f["mask"]), "seg_scheme": "freesurfer",
+                "input_sha256": [sb.content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
+        if m in OURS:
+            conditional = r.get("age") is not None and r.get("sex") is not None
+            return {**base, "kind": "ours", "method": m, "model": str(Path(model_path).resolve()),
+                    "refine": refine if m == "atlasmorph" else 0, "refine_lr": REFINE_LR, "conditional": conditional,
+                    "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None}
+        return {**base, "kind": "ants", "method": m, "transform": ANTS_TRANSFORMS[m],
+                "template": str(mni_t1), "template_labels": str(mni_labels)}
+
+    results: dict = {p: {} for p in perts}
+
+    def report() -> dict:
+        res = {
+            "command": "python benchmarks/ood_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": sb.machine(), "versions": sb.versions(), "threads": args.threads,
+            "load_average_at_end": list(os.getloadavg()), "model": str(model_path),
+            "model_sha256": sb.file_sha256(model_path), "split": split_source, "seed": args.seed,
+            "subjects": [r["subject"] for r in val], "methods": methods, "perturbations": perts,
+            "perturbation_params": {p: PERTURBATIONS[p] for p in perts}, "refine": refine, "refine_lr": REFINE_LR,
+            "summary": summarise(results, methods, perts), "notes": notes,
+            "results": results,
+        }
+        res = sb.clean(res)
+        out = args.out or workdir
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ood.json").write_text(json.dumps(res, indent=1) + "\n")
+        (out / "ood.md").write_text(markdown(res))
+        return res
+
+    for m in methods:  # one method over every case, then the next (the fast ones first)
+        for p, r in cases:
+            cache = results_dir / m / p / f"{r['subject']}.json"
+            rec, cached = sb.run_cached(make_task(m, p, r), cache, run=not args.cached_only)
+            if rec is None:
+                continue
+            rec.pop("key", None)
+            results[p].setdefault(r["subject"], {})[m] = rec
+            head = f"{m:<19} {p:<9} {r['subject']:<16}"
+            if "error" in rec:
+                print(f"{head} FAILED: {rec['error']}", file=sys.stderr, flush=True)
+            else:
+                print(f"{head} Dice {rec['dice']:.4f}  {rec['seconds']:6.1f} s  {rec['peak_mb']:5.0f} MB"
+                      + ("  (cached)" if cached else ""), flush=True)
+        report()
+    res = report()
+    print()
+    print(markdown(res).split("## Per subject")[0])
+    print(f"wrote {(args.out or workdir) / 'ood.json'} and {(args.out or workdir) / 'ood.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
