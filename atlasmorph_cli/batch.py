@@ -42,7 +42,9 @@ segment    probseg         ``sub-<label>_desc-atlasmorph_probseg.nii.gz`` (--pro
 both       brainmask       ``sub-<label>_desc-brain_mask.nii.gz`` (--brain-mask, the brain mask used)
 both       brain           ``sub-<label>_desc-brain_T1w.nii.gz`` (--brain, the skull-stripped image)
 segment    (always)        ``volumes.csv`` in --out-dir, or the path given with --vol: one row per
-                           subject that succeeded (``subject`` column: the subject id)
+                           subject that succeeded (``subject`` column: the subject id; then the
+                           quality columns qc_score, qc_flagged, qc_reasons)
+both       (always)        ``sub-<label>_desc-atlasmorph_qc.json``: the subject's quality (quality.py)
 =========  ==============  ====================================================================
 
 Defaults: register ``moved,warp,labels``; segment ``dseg``. ``--warp-format`` applies to the warps.
@@ -82,6 +84,7 @@ REGISTER_OUTPUTS = {
 }
 SEGMENT_OUTPUTS = {"dseg": "desc-atlasmorph_dseg.nii.gz", "probseg": "desc-atlasmorph_probseg.nii.gz"}
 BRAIN_OUTPUTS = {"brainmask": "desc-brain_mask.nii.gz", "brain": "desc-brain_T1w.nii.gz"}
+QUALITY_NAME = "desc-atlasmorph_qc.json"  # every subject's quality (quality.py), always written
 REGISTER_OUTPUTS.update(BRAIN_OUTPUTS)
 SEGMENT_OUTPUTS.update(BRAIN_OUTPUTS)
 DEFAULT_OUTPUTS = {"register": "moved,warp,labels", "segment": "dseg"}
@@ -108,6 +111,7 @@ class BatchResult:
     subjects: list[BatchSubject]
     failed: list[tuple[BatchSubject, str]]
     volumes: Path | None = None
+    qualities: list = field(default_factory=list)  # quality.Quality of every subject done in this run
 
 
 def is_batch_input(path: Path) -> bool:
@@ -233,15 +237,19 @@ def run_batch(
     quiet: bool = False,
     skip_existing: bool = False,
     skullstripped: bool = False,
+    strict: bool = False,
 ) -> BatchResult:
     """Run `register` or `segment` over every subject of `source`; raise if any subject failed.
 
     `on_subject(i, subject, error)` is called after each subject (error None on success); the
     benchmarks use it to sample memory. `refine`: instance-optimisation steps (None: the default).
     `skullstripped`: every image without a mask is already brain-extracted (no extraction).
+    A subject that fails the quality check gets one warning line; with `strict`, the batch then ends
+    with exit code 3 (after every subject's outputs are written).
     """
     from .brain_extraction import resolve_brain
-    from .commands import brain_writes, register_writes, write_volumes
+    from .commands import brain_writes, check_quality, register_writes, strict_exit, volume_cells, write_volumes
+    from .quality import write_json as write_quality
     from .pipeline import REFINE_STEPS, encode_attributes, load, register
     from .warpio import WARP_FORMATS
 
@@ -275,6 +283,7 @@ def run_batch(
     volumes: list[tuple[str, np.ndarray]] = []
     voxel_mm3: list[float] = []
     failed: list[tuple[BatchSubject, str]] = []
+    qualities = []
     if skip_existing:
         subjects, skipped = skip_finished(subjects, outputs_of, vol, volumes, voxel_mm3)
         if skipped:
@@ -295,8 +304,10 @@ def run_batch(
                 warn([f"sub-{s.label}: {w}" for w in brain.warnings])
                 reg = register(model, subj, vec, brain.as_volume(subj),
                                refine=REFINE_STEPS if refine is None else refine)
+                q = check_quality(reg, brain, f"sub-{s.label}", warn)
                 bpaths = {n: out_dir / s.name(BRAIN_OUTPUTS[n]) for n in names if n in BRAIN_OUTPUTS}
                 bwrites = brain_writes(subj, brain, bpaths.get("brainmask"), bpaths.get("brain"))
+                bwrites.append(lambda q=q, p=out_dir / s.name(QUALITY_NAME): write_quality(p, [q]))
                 if command == "register":
                     paths = {n: out_dir / s.name(REGISTER_OUTPUTS[n]) for n in names}
                     writes = register_writes(reg, warp_format, paths.get("moved"), paths.get("template"),
@@ -315,8 +326,9 @@ def run_batch(
                             save_native_probs(reg, probs)
                         for w in bwrites:
                             w()
-                    volumes.append((s.id, sums))
-                    voxel_mm3.append(float(np.prod(subj.zooms)))
+                    volumes.append((s.id, volume_cells(sums, float(np.prod(subj.zooms)), q)))
+                    voxel_mm3.append(1.0)
+                qualities.append(q)
                 del reg, subj, mask, brain
             except AtlasMorphError as exc:
                 error = str(exc)
@@ -331,7 +343,7 @@ def run_batch(
                 on_subject(i, s, error)
             bar.advance(task)
 
-    result = BatchResult(subjects, failed)
+    result = BatchResult(subjects, failed, qualities=qualities)
     if command == "segment" and volumes:
         write_volumes(vol, volumes, voxel_mm3)
         result.volumes = vol
@@ -342,4 +354,5 @@ def run_batch(
                 else "nothing was written" + (f" (the {len(volumes)} rows of subjects done before are kept in {vol})"
                                               if volumes else ""))
         raise AtlasMorphError(f"{len(failed)} of {len(subjects)} subjects failed ({listed}{more}); {rest}")
+    strict_exit(strict, qualities)
     return result

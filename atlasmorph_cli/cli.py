@@ -53,6 +53,11 @@ SkullstrippedOpt = typer.Option(False, "--skullstripped", help="The image is alr
                                 "brain-extracted first).")
 BrainMaskOpt = typer.Option(None, "--brain-mask", help="Write the brain mask used (uint8, the input's grid).")
 BrainOpt = typer.Option(None, "--brain", help="Write the skull-stripped image (the input's grid).")
+QualityOpt = typer.Option(None, "--quality", help="Write the subject's quality check as JSON (score, local NCC, "
+                          "brain-mask Dice, affine scale and rotation, flagged, reasons; batch mode writes "
+                          "sub-<label>_desc-atlasmorph_qc.json for every subject). See docs/quality.md.")
+StrictOpt = typer.Option(False, "--strict", help="Exit with code 3 when a subject fails the quality check (its "
+                         "outputs are still written); without it, a one-line warning.")
 
 
 def _version(value: bool) -> None:
@@ -205,6 +210,8 @@ def register(
     skullstripped: bool = SkullstrippedOpt,
     brain_mask: Optional[Path] = BrainMaskOpt,
     brain: Optional[Path] = BrainOpt,
+    quality: Optional[Path] = QualityOpt,
+    strict: bool = StrictOpt,
     moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
     template_out: Optional[Path] = typer.Option(None, "-O", "--template-out", help="Template moved into subject space."),
     trans: Optional[Path] = typer.Option(None, "-t", "--trans", help="Subject->template warp (on the template grid)."),
@@ -218,7 +225,8 @@ def register(
     refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
-                                          "template, warp, inverse, affine, labels, jacobian (default moved,warp,labels)."),
+                                          "template, warp, inverse, affine, labels, jacobian, brainmask, brain (default "
+                                          "moved,warp,labels)."),
     skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
@@ -229,14 +237,14 @@ def register(
 
         check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
                            "--labels": labels, "--jacobian": jacobian, "--mask": mask, "--brain-mask": brain_mask,
-                           "--brain": brain})
+                           "--brain": brain, "--quality": quality})
         run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
                   model_path=model, threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
-                  skip_existing=skip_existing)
+                  skip_existing=skip_existing, strict=strict)
         return
     run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
                  labels, jacobian, warp_format, model, threads, _warn, refine=refine, skullstripped=skullstripped,
-                 brain_mask_out=brain_mask, brain_out=brain)
+                 brain_mask_out=brain_mask, brain_out=brain, quality_out=quality, strict=strict)
 
 
 # ----------------------------------------------------------------------------------------- segment
@@ -253,6 +261,8 @@ def segment(
     skullstripped: bool = SkullstrippedOpt,
     brain_mask: Optional[Path] = BrainMaskOpt,
     brain: Optional[Path] = BrainOpt,
+    quality: Optional[Path] = QualityOpt,
+    strict: bool = StrictOpt,
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
     vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
                                        "row per subject, default OUT_DIR/volumes.csv)."),
@@ -260,8 +270,8 @@ def segment(
     threads: Optional[int] = ThreadsOpt,
     refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
-    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg "
-                                          "(default dseg)."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg, "
+                                          "brainmask, brain (default dseg)."),
     skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Segment a subject with the label map of its conditional template (subject's own grid)."""
@@ -271,15 +281,16 @@ def segment(
         from .batch import check_single_only, run_batch
 
         check_single_only({"-o": output, "--probs": probs, "--mask": mask, "--brain-mask": brain_mask,
-                           "--brain": brain})
+                           "--brain": brain, "--quality": quality})
         run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
                   threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
-                  skip_existing=skip_existing)
+                  skip_existing=skip_existing, strict=strict)
         return
     if output is None:
         ctx.fail("Missing option '-o' / '--output'.")
     run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine,
-                skullstripped=skullstripped, brain_mask_out=brain_mask, brain_out=brain)
+                skullstripped=skullstripped, brain_mask_out=brain_mask, brain_out=brain, quality_out=quality,
+                strict=strict)
 
 
 def _one_line(text: str) -> str:
@@ -345,7 +356,7 @@ def _main() -> None:
     except AtlasMorphError as exc:
         if debug:
             traceback.print_exc()
-        _fail("atlasmorph: error: ", str(exc), 1)
+        _fail("atlasmorph: error: ", str(exc), getattr(exc, "exit_code", 1))  # 3: failed quality check (--strict)
     except OSError as exc:  # disk full, permission denied, file vanished: the environment, not a bug
         if debug:
             traceback.print_exc()

@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 
 from .brain_extraction import Brain, resolve_brain
+from .quality import CSV_COLUMNS, Quality, QualityError, assess
+from .quality import write_json as write_quality
 from .errors import AtlasMorphError
 from .safety import outputs_not_inputs
 from .stream import save_native_probs
@@ -56,7 +58,7 @@ def _check_outputs(paths: list[Path | None]) -> list[Path]:
     if len(set(str(p.resolve()) for p in out)) != len(out):
         raise AtlasMorphError("two outputs were given the same path")
     for p in out:
-        if p.suffix.lower() not in (".csv", ".txt", ".png", ".tfm"):
+        if p.suffix.lower() not in (".csv", ".txt", ".png", ".tfm", ".json"):
             suffix_of(p)
         check_output_dir(p)
     return out
@@ -157,6 +159,23 @@ def _load_inputs(image: Path, mask: Path | None) -> tuple[Volume, Volume | None]
     return load_volume(image), (load_volume(mask) if mask else None)
 
 
+def check_quality(reg, brain: Brain, name: str, warn: Warn) -> Quality:
+    """The subject's quality (quality.py); one warning line naming it and the reasons when it is flagged."""
+    q = assess(reg, brain.mask, name, brain.source)
+    if q.flagged:
+        warn([q.warning()])
+    return q
+
+
+def strict_exit(strict: bool, qualities: list[Quality]) -> None:
+    """With --strict, a flagged subject makes the command fail (exit code 3) after its outputs are written."""
+    bad = [q for q in qualities if q.flagged]
+    if strict and bad:
+        names = ", ".join(q.subject for q in bad[:10]) + (f", ... ({len(bad) - 10} more)" if len(bad) > 10 else "")
+        raise QualityError(f"--strict: {len(bad)} of {len(qualities)} subject(s) failed the quality check ({names}); "
+                           "their outputs were written")
+
+
 def brain_writes(subj: Volume, brain: Brain, brain_mask_out: Path | None = None,
                  brain_out: Path | None = None) -> list[Callable[[], object]]:
     """Writers of the brain mask (uint8) and the skull-stripped image, both on the input's grid."""
@@ -173,10 +192,11 @@ def brain_writes(subj: Volume, brain: Brain, brain_mask_out: Path | None = None,
 def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine_out, labels, jacobian,
                  warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS, *,
                  skullstripped: bool = False, brain_mask_out: Path | None = None,
-                 brain_out: Path | None = None) -> None:
+                 brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False) -> None:
     if warp_format not in WARP_FORMATS:
         raise AtlasMorphError(f"--warp-format must be one of {', '.join(WARP_FORMATS)}, got '{warp_format}'")
-    outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian, brain_mask_out, brain_out])
+    outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian, brain_mask_out, brain_out,
+                           quality_out])
     if not outs:
         raise AtlasMorphError("no output requested: give at least one of -o, -O, -t, -T, --affine, --labels, "
                               "--jacobian, --brain-mask, --brain")
@@ -189,11 +209,15 @@ def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
     reg = register(model, subj, vec, brain.as_volume(subj), refine=refine)
+    q = check_quality(reg, brain, Path(image).name, warn)
     writes = register_writes(reg, warp_format, moved, template_out, trans, inverse, affine_out, labels, jacobian)
     writes += brain_writes(subj, brain, brain_mask_out, brain_out)
+    if quality_out:
+        writes.append(lambda: write_quality(quality_out, [q]))
     with all_or_nothing():
         for w in writes:
             w()
+    strict_exit(strict, [q])
 
 
 def register_writes(reg, warp_format, moved=None, template_out=None, trans=None, inverse=None, affine_out=None,
@@ -226,24 +250,33 @@ def register_writes(reg, warp_format, moved=None, template_out=None, trans=None,
 
 
 # ----------------------------------------------------------------------------------------- segment
+VOLUME_HEADER = ["subject", "total_brain", *[s.name for s in STRUCTURES], *CSV_COLUMNS]
+
+
+def volume_cells(sums: np.ndarray, voxel_mm3: float, quality: Quality | None = None) -> list[str]:
+    """A volumes-table row after the subject column: total, the 34 structures (mm3), the quality columns."""
+    v = sums[1:] * voxel_mm3
+    return [f"{v.sum():.1f}", *[f"{x:.1f}" for x in v], *(quality.csv_cells() if quality else [""] * len(CSV_COLUMNS))]
+
+
 def write_volumes(path: Path, rows: list[tuple[str, np.ndarray]], voxel_mm3: list[float]) -> None:
-    """Structure volumes (mm3) as CSV, one row per subject, in the 34-structure order."""
+    """Structure volumes (mm3) as CSV, one row per subject, in the 34-structure order, then the subject's
+    quality (qc_score, qc_flagged 0/1, qc_reasons). A row given as a list of cells is written as it is."""
     with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["subject", "total_brain", *[s.name for s in STRUCTURES]])
+        w.writerow(VOLUME_HEADER)
         for (sid, sums), vox in zip(rows, voxel_mm3):
-            if isinstance(sums, list):  # a row taken over verbatim from an earlier run's table (--skip-existing)
-                w.writerow([sid, *sums])
+            if isinstance(sums, list):  # cells made already, or a row of an earlier run's table (--skip-existing)
+                w.writerow([sid, *sums, *[""] * (len(VOLUME_HEADER) - 1 - len(sums))])
                 continue
-            v = sums[1:] * vox
-            w.writerow([sid, f"{v.sum():.1f}", *[f"{x:.1f}" for x in v]])
+            w.writerow([sid, *volume_cells(sums, vox)])
 
 
 @outputs_not_inputs
 def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn,
                 refine: int = REFINE_STEPS, *, skullstripped: bool = False, brain_mask_out: Path | None = None,
-                brain_out: Path | None = None) -> None:
-    _check_outputs([output, probs, vol, brain_mask_out, brain_out])
+                brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False) -> None:
+    _check_outputs([output, probs, vol, brain_mask_out, brain_out, quality_out])
     subj, m = _load_inputs(image, mask)
     brain = resolve_brain(subj, m, skullstripped)
     warn(brain.warnings)
@@ -253,8 +286,11 @@ def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, war
     if attrs is None:
         warn(["no attributes given: using the population-average template"])
     reg = register(model, subj, vec, brain.as_volume(subj), refine=refine)
+    q = check_quality(reg, brain, Path(image).name, warn)
     seg, sums = reg.labels_to_native()
     writes = brain_writes(subj, brain, brain_mask_out, brain_out)
+    if quality_out:
+        writes.append(lambda: write_quality(quality_out, [q]))
     with all_or_nothing():
         save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
         for w in writes:
@@ -263,5 +299,6 @@ def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, war
             save_native_probs(reg, probs)
         if vol:
             sid = Path(image).name
-            write_volumes(vol, [(sid, sums)], [float(np.prod(subj.zooms))])
+            write_volumes(vol, [(sid, volume_cells(sums, float(np.prod(subj.zooms)), q))], [1.0])
+    strict_exit(strict, [q])
 

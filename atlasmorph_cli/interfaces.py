@@ -83,6 +83,8 @@ class _SubjectInputSpec(_ModelInputSpec):
                                   name_source="in_file")
     brain_file = _on_request("--brain %s", "%s_brain.nii.gz", "skull-stripped image (input's grid)",
                              name_source="in_file")
+    quality_file = _on_request("--quality %s", "%s_qc.json", "quality check (JSON)", name_source="in_file")
+    strict = traits.Bool(argstr="--strict", desc="fail the node (exit code 3) when the subject fails the quality check")
     refine = traits.Range(low=0, argstr="--refine %d",
                           desc="instance-optimisation steps on the network's warp (default: the command's, 10)")
 
@@ -186,6 +188,7 @@ class RegisterOutputSpec(TraitedSpec):
     jacobian_file = File(exists=True, desc="log-Jacobian determinant")
     brain_mask_file = File(exists=True, desc="brain mask used")
     brain_file = File(exists=True, desc="skull-stripped image")
+    quality_file = File(exists=True, desc="quality check (JSON)")
 
 
 class Register(_AtlasMorphCommand):
@@ -217,6 +220,7 @@ class SegmentOutputSpec(TraitedSpec):
     volumes_file = File(exists=True, desc="structure volumes (CSV, one row)")
     brain_mask_file = File(exists=True, desc="brain mask used")
     brain_file = File(exists=True, desc="skull-stripped image")
+    quality_file = File(exists=True, desc="quality check (JSON)")
 
 
 class Segment(_AtlasMorphCommand):

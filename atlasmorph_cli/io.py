@@ -85,6 +85,9 @@ def load_volume(path: Path | str, *, allow_nonfinite: bool = False) -> Volume:
     except Exception as exc:  # nibabel raises many types for corrupt files
         raise AtlasMorphError(f"{path}: not a readable image ({type(exc).__name__}: {exc})") from exc
     check_image_shape(shape, path)  # from the header, before any voxel is read (limits.py)
+    if np.dtype(img.get_data_dtype()).kind == "c":  # numpy would drop the imaginary part with a warning
+        raise AtlasMorphError(f"{path}: complex-valued voxels ({img.get_data_dtype()}); give a real image, "
+                              "e.g. the magnitude (fslcomplex -realabs, or numpy.abs)")
     try:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except MemoryError:

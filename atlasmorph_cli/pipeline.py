@@ -259,4 +259,9 @@ def load(path: Path | None, threads: int | None = None) -> tuple[Path, AtlasMorp
     if is_shipped(p):
         verify_shipped(p)  # its sha256 must match models/<name>.sha256
     check_model_config(read_config(p), p)  # before building it: int_steps, grid and widths in range
-    return p, load_model(p)
+    model = load_model(p)
+    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise AtlasMorphError(f"{p}: the model has NaN/Inf weights ({len(bad)} tensors, e.g. {bad[0]}); "
+                              "it cannot give meaningful outputs (a diverged training run?)")
+    return p, model
