@@ -197,6 +197,15 @@ def _subject(task: dict):
     return brain, mask, labels.to_index(seg.data, task.get("seg_scheme", "muse"))
 
 
+def _save_prediction(task: dict, pred_index: np.ndarray, affine: np.ndarray) -> None:
+    """Write the predicted class-index map (uint8) to task["pred_out"] when the task asks for it."""
+    if task.get("pred_out"):
+        from atlasmorph_cli.io import save_volume
+
+        Path(task["pred_out"]).parent.mkdir(parents=True, exist_ok=True)
+        save_volume(np.asarray(pred_index, dtype=np.uint8), affine, task["pred_out"], dtype=np.uint8)
+
+
 def _score(pred_index: np.ndarray, truth: np.ndarray) -> dict:
     d = metrics.dice_per_structure(pred_index, truth)
     return {"dice": float(np.nanmean(d)), "dice_per_structure": dict(zip(NAMES, map(float, d)))}
@@ -226,6 +235,7 @@ def _ours(task: dict) -> dict:
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
     rec = _score(labels.to_index(seg, "freesurfer"), truth)
+    _save_prediction(task, labels.to_index(seg, "freesurfer"), brain.affine)
     grid = reg.grid
     spacing = np.sqrt((grid.affine[:3, :3] ** 2).sum(0))
     # folding: the field that pulls the template into the subject's affinely aligned frame (model grid),
@@ -293,6 +303,7 @@ def _ants(task: dict) -> dict:
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
         rec = _score(np.rint(out.numpy()).astype(np.uint8), truth)
+        _save_prediction(task, np.rint(out.numpy()).astype(np.uint8), brain.affine)
         rec.update({"seconds": wall, "cpu_seconds": cpu, "load_seconds": load_s,
                     "folding_pct": None, "mean_disp_mm": None})
         warp = next((p for p in reg["fwdtransforms"] if p.endswith("Warp.nii.gz")), None)
@@ -452,7 +463,7 @@ def content_sha256(path) -> str | None:
 
 
 # task entries that say where things go or how fast, not what is computed
-_NOT_IN_KEY = ("scratch", "threads", "log", "out_template", "out_labels")
+_NOT_IN_KEY = ("scratch", "threads", "log", "out_template", "out_labels", "pred_out")
 
 
 def task_key(task: dict) -> str:

@@ -239,3 +239,22 @@ def test_summary_drops_checks_and_refinement(ood):
                        "seed": 0, "threads": 1, "machine": "here", "versions": {"torch": "1"}, "methods": methods,
                        "perturbations": ["clean", "bias40", "mni152"], "summary": s, "notes": ["note"]})
     assert "bias field ±40 %" in md and "**no**" in md and "note" in md
+
+
+def test_dice_on_grid_carries_a_conformed_map_back(ood):
+    brain, mask, index, aff, _ = _blob_subject()
+    _, _, idx, caff = ood.conform(brain, mask, index, aff, size=128)
+    assert ood.dice_on_grid(idx, caff, index, aff) == pytest.approx(1.0)  # 2 mm centres are 1 mm centres
+    shifted = np.roll(idx, 3, axis=0)
+    assert ood.dice_on_grid(shifted, caff, index, aff) < 0.99
+
+
+def test_summary_counts_the_clean_grid_dice_when_there(ood):
+    results = {"clean": {"a": {"atlasmorph": {"dice": 0.80}}},
+               "conform": {"a": {"atlasmorph": {"dice": 0.75, "dice_clean_grid": 0.795}}}}
+    s = ood.summarise(results, ["atlasmorph"], ["clean", "conform"])
+    assert s["conform"]["atlasmorph"]["dice"] == pytest.approx(0.795)
+    assert s["conform"]["atlasmorph"]["dice_on_input_grid"] == pytest.approx(0.75)
+    assert s["conform"]["atlasmorph"]["drop_from_clean"] == pytest.approx(-0.005)
+    assert s["conform"]["atlasmorph"]["checks"]["within_0.01_of_clean"] is True
+    assert s["conform"]["atlasmorph"]["scored_on"] == "clean 2 mm grid"

@@ -162,6 +162,38 @@ CASES: list[tuple[str, str, list[str], str]] = [
     ("train", "--split names a subject not in the cohort", ["train", "--data", "in/cohort.csv", "--out", "out/run",
                                                             "--split", "in/foreign_split.json", "--reference",
                                                             "in/brain.nii.gz"], "the cohort lacks"),
+    # careless and hostile input (issue 18; more in tests/test_hostile.py)
+    ("segment", "output path is the input image", ["segment", "in/brain.nii.gz", *AGE, *MODEL, "-o",
+                                                   "in/brain.nii.gz"], "this output is the input image"),
+    ("register", "-O is the --mask image", ["register", "in/brain.nii.gz", "--mask", "in/mask.nii.gz", *AGE, *MODEL,
+                                            "-O", "in/mask.nii.gz"], "this output is the --mask image"),
+    ("segment", "batch --vol is the cohort CSV", ["segment", "in/cohort.csv", *MODEL, "--out-dir", "out/d", "--vol",
+                                                  "in/cohort.csv"], "this output is the cohort CSV"),
+    ("segment", "--attr contradicts --sex", ["segment", "in/brain.nii.gz", "--age", "50", "--sex", "M", "--attr",
+                                             "sex=F", *MODEL, "-o", "out/s.nii.gz"], "sex is given twice"),
+    ("segment", "unknown attribute name", ["segment", "in/brain.nii.gz", *AGE, "--attr", "Age=99", *MODEL, "-o",
+                                           "out/s.nii.gz"], "unknown attribute 'Age'"),
+    ("segment", "--threads -1", ["segment", "in/brain.nii.gz", *AGE, *MODEL, "--threads", "-1", "-o", "out/s.nii.gz"],
+     "Invalid value for '--threads'"),
+    ("segment", "header claims 1300^3 voxels (gzip bomb)", ["segment", "in/bomb.nii.gz", *AGE, *MODEL, "-o",
+                                                            "out/s.nii.gz"], "atlasmorph reads at most"),
+    ("register", "mask on the same shape, another origin", ["register", "in/brain.nii.gz", "--mask",
+                                                            "in/mask_shifted.nii.gz", *AGE, *MODEL, "-o",
+                                                            "out/m.nii.gz"], "origin"),
+    ("template", "age range with NaN", ["template", "--age", "20:nan:10", "--sex", "F", *MODEL, "-o", "out/t.nii.gz"],
+     "finite"),
+    ("template", "age range of 13,001 ages", ["template", "--age", "0:130:0.01", "--sex", "F", *MODEL, "-o",
+                                              "out/t.nii.gz"], "at most 1000 per command"),
+    ("template", "output file name over 255 bytes", ["template", *AGE, *MODEL, "-o", "out/" + "a" * 293 + ".nii.gz"],
+     "file name too long"),
+    ("template", "model with attribute std 0", ["template", *AGE, "-m", "in/std0.safetensors", "-o", "out/t.nii.gz"],
+     "std must be finite and > 0"),
+    ("template", "model with int_steps 10^7", ["template", *AGE, "-m", "in/steps.safetensors", "-o", "out/t.nii.gz"],
+     "int_steps is 10000000"),
+    ("train", "--out holds a finished run", ["train", "--data", "in/cohort.csv", "--out", "in/finished_run"],
+     "already holds a training run"),
+    ("train", "one-subject cohort", ["train", "--data", "in/one.csv", "--out", "out/run", "--reference",
+                                     "in/brain.nii.gz"], "only 1 training subject"),
 ]
 
 
@@ -211,6 +243,26 @@ def make_inputs(folder: Path) -> Path:
     (folder / "foreign_split.json").write_text('{"train": ["s0", "s9"], "validation": ["s1"]}\n')
     (folder / "nan_t1.csv").write_text("subject,t1,age,sex\ns0,nan.nii.gz,40,F\ns1,nan.nii.gz,60,M\n"
                                        "s2,nan.nii.gz,50,F\ns3,nan.nii.gz,70,M\n")  # 4: one validation subject
+    (folder / "one.csv").write_text("subject,t1,age,sex\ns0,s0.nii.gz,40,F\n")
+    (folder / "finished_run").mkdir()
+    (folder / "finished_run" / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes())
+    shifted = aff.copy()
+    shifted[:3, 3] += 10
+    save_volume((seg > 0).astype(np.uint8), shifted, folder / "mask_shifted.nii.gz")
+    bomb = nib.Nifti1Image(np.zeros((2, 2, 2), np.uint8), aff).header
+    bomb.set_data_shape((1300, 1300, 1300))  # the header of a 2 MB gzip bomb (its data is never read)
+    (folder / "bomb.nii.gz").write_bytes(gzip.compress(bomb.binaryblock + bytes(4 + 1000)))
+    for name, key, value in (("std0", "attributes", None), ("steps", "int_steps", 10 ** 7)):
+        m = model_mod.load_model(model)
+        if value is None:
+            m.config.attributes[0]["std"] = 0.0
+        else:
+            m.config.int_steps = value
+        for _ in range(8):  # a header length whose low byte is 0x80 looks like a pickle to the model loader
+            model_mod.save_model(m, folder / f"{name}.safetensors")
+            if (folder / f"{name}.safetensors").read_bytes()[:1] != b"\x80":
+                break
+            m.config.name += "x"
     return folder
 
 
