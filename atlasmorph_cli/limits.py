@@ -1,11 +1,11 @@
 """Resource limits checked before any work: image sizes from the header, model settings that would never end.
 
-* An input image may hold at most `MAX_VOXELS` voxels (2^26 = 67 M: a whole head at 0.5 x 0.5 x 0.6 mm,
-  e.g. 400 x 400 x 420). The count comes from the header, before any voxel is read, so a 2 MB gzip
-  bomb that unpacks to 1300^3 voxels, or a header that claims 10^53 voxels, is refused in
-  milliseconds. Above the limit no command stays within the 3 GB it is designed for; resample the
-  image (e.g. ``mri_convert -vs 1 1 1``) first. The memory measured at 1 mm and near the limit is in
-  docs/reliability.md (benchmarks/memory_limits.py).
+* An input image may hold at most `MAX_VOXELS` voxels (2^25 = 33.5 M: a head at 0.6 mm isotropic,
+  e.g. 322 x 322 x 323, or 0.7 mm HCP scans, 260 x 311 x 260). The count comes from the header,
+  before any voxel is read, so a 2 MB gzip bomb that unpacks to 1300^3 voxels, or a header that
+  claims 10^53 voxels, is refused in milliseconds. Every command stays within 3 GB up to the limit
+  (measured by benchmarks/memory_limits.py, figures in docs/reliability.md); for a larger image,
+  resample it first (e.g. ``mri_convert -vs 0.8 0.8 0.8``; the model works at 2 mm anyway).
 * A model's configuration is checked before the model is built: scaling-and-squaring steps
   (`int_steps`, 7 in shipped models) at most `MAX_INT_STEPS`, a model grid of at most
   `MAX_MODEL_VOXELS`, network widths at most `MAX_WIDTH`.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .errors import AtlasMorphError
 
-MAX_VOXELS = 1 << 26
+MAX_VOXELS = 1 << 25
 MAX_INT_STEPS = 16
 MAX_MODEL_VOXELS = 256 ** 3
 MAX_WIDTH = 1024
@@ -36,7 +36,7 @@ def check_image_shape(shape, where: str | Path) -> None:
         shown = "x".join(str(d) for d in dims)
         raise AtlasMorphError(
             f"{where}: the header claims {shown} = {n:.3g} voxels; atlasmorph reads at most {MAX_VOXELS:,} "
-            "(e.g. 400x400x420); resample the image first (e.g. mri_convert -vs 1 1 1)"
+            "(e.g. 322x322x323); resample the image first (e.g. mri_convert -vs 0.8 0.8 0.8)"
         )
 
 
