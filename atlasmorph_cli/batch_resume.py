@@ -32,13 +32,15 @@ def keep_finished(vol: Path | None, volumes: list, voxel_mm3: list, subjects: li
     except KeyboardInterrupt:
         from .commands import write_volumes
 
-        done = sum(_complete(outputs_of(s)) for s in subjects)
+        done = [s for s in subjects if _complete(outputs_of(s))]
+        names = ", ".join(f"sub-{s.label}" for s in done[:10]) + (f", ... ({len(done) - 10} more)" if len(done) > 10 else "")
         note = ""
         if vol is not None and volumes:
             write_volumes(vol, volumes, voxel_mm3)
             note = f"; their volumes are in {vol}"
-        print(f"atlasmorph: batch interrupted: {done} of {len(subjects)} subjects have all their outputs{note}; "
-              "rerun the same command with --skip-existing to do the rest", file=sys.stderr, flush=True)
+        print(f"atlasmorph: batch interrupted: {len(done)} of {len(subjects)} subjects have all their outputs"
+              f"{f' ({names})' if done else ''}{note}; rerun the same command with --skip-existing to do the rest",
+              file=sys.stderr, flush=True)
         raise
 
 
