@@ -45,6 +45,8 @@ segment    (always)        ``volumes.csv`` in --out-dir, or the path given with 
                            subject that succeeded (``subject`` column: the subject id; then the
                            quality columns qc_score, qc_flagged, qc_reasons)
 both       (always)        ``sub-<label>_desc-atlasmorph_qc.json``: the subject's quality (quality.py)
+both       qc              ``sub-<label>_desc-atlasmorph_qc.png`` (--qc, the QC picture, qc.py) and
+                           ``qc_index.html`` in --out-dir: every picture of the run, flagged first
 =========  ==============  ====================================================================
 
 Defaults: register ``moved,warp,labels``; segment ``dseg``. ``--warp-format`` applies to the warps.
@@ -85,6 +87,10 @@ REGISTER_OUTPUTS = {
 SEGMENT_OUTPUTS = {"dseg": "desc-atlasmorph_dseg.nii.gz", "probseg": "desc-atlasmorph_probseg.nii.gz"}
 BRAIN_OUTPUTS = {"brainmask": "desc-brain_mask.nii.gz", "brain": "desc-brain_T1w.nii.gz"}
 QUALITY_NAME = "desc-atlasmorph_qc.json"  # every subject's quality (quality.py), always written
+QC_OUTPUTS = {"qc": "desc-atlasmorph_qc.png"}
+REGISTER_OUTPUTS.update(QC_OUTPUTS)
+SEGMENT_OUTPUTS.update(QC_OUTPUTS)
+QC_INDEX_NAME = "qc_index.html"
 REGISTER_OUTPUTS.update(BRAIN_OUTPUTS)
 SEGMENT_OUTPUTS.update(BRAIN_OUTPUTS)
 DEFAULT_OUTPUTS = {"register": "moved,warp,labels", "segment": "dseg"}
@@ -248,7 +254,8 @@ def run_batch(
     with exit code 3 (after every subject's outputs are written).
     """
     from .brain_extraction import resolve_brain
-    from .commands import brain_writes, check_quality, register_writes, strict_exit, volume_cells, write_volumes
+    from .commands import (brain_writes, check_quality, qc_write, register_writes, strict_exit, volume_cells,
+                           write_volumes)
     from .quality import write_json as write_quality
     from .pipeline import REFINE_STEPS, encode_attributes, load, register
     from .warpio import WARP_FORMATS
@@ -308,6 +315,8 @@ def run_batch(
                 bpaths = {n: out_dir / s.name(BRAIN_OUTPUTS[n]) for n in names if n in BRAIN_OUTPUTS}
                 bwrites = brain_writes(subj, brain, bpaths.get("brainmask"), bpaths.get("brain"))
                 bwrites.append(lambda q=q, p=out_dir / s.name(QUALITY_NAME): write_quality(p, [q]))
+                if "qc" in names and command == "register":
+                    bwrites.append(qc_write(reg, brain, q, out_dir / s.name(QC_OUTPUTS["qc"]), values))
                 if command == "register":
                     paths = {n: out_dir / s.name(REGISTER_OUTPUTS[n]) for n in names}
                     writes = register_writes(reg, warp_format, paths.get("moved"), paths.get("template"),
@@ -318,6 +327,8 @@ def run_batch(
                             w()
                 else:
                     seg, sums = reg.labels_to_native()
+                    if "qc" in names:
+                        bwrites.append(qc_write(reg, brain, q, out_dir / s.name(QC_OUTPUTS["qc"]), values, seg))
                     probs = out_dir / s.name(SEGMENT_OUTPUTS["probseg"]) if "probseg" in names else None
                     with all_or_nothing():
                         save_volume(seg, subj.affine, out_dir / s.name(SEGMENT_OUTPUTS["dseg"]),
@@ -344,6 +355,12 @@ def run_batch(
             bar.advance(task)
 
     result = BatchResult(subjects, failed, qualities=qualities)
+    if "qc" in names and qualities:
+        from .qc import qc_index
+
+        by_label = {f"sub-{s.label}": s for s in subjects}
+        qc_index(out_dir / QC_INDEX_NAME, [(q.subject, by_label[q.subject].name(QC_OUTPUTS["qc"]), q)
+                                           for q in qualities if q.subject in by_label])
     if command == "segment" and volumes:
         write_volumes(vol, volumes, voxel_mm3)
         result.volumes = vol

@@ -56,6 +56,9 @@ BrainOpt = typer.Option(None, "--brain", help="Write the skull-stripped image (t
 QualityOpt = typer.Option(None, "--quality", help="Write the subject's quality check as JSON (score, local NCC, "
                           "brain-mask Dice, affine scale and rotation, flagged, reasons; batch mode writes "
                           "sub-<label>_desc-atlasmorph_qc.json for every subject). See docs/quality.md.")
+QcOpt = typer.Option(None, "--qc", help="Write a QC picture (.png): the T1 in three planes with the structure "
+                     "outlines and the brain-mask contour, the quality score and attributes in the title (batch "
+                     "mode: --outputs ...,qc, one per subject + qc_index.html).")
 StrictOpt = typer.Option(False, "--strict", help="Exit with code 3 when a subject fails the quality check (its "
                          "outputs are still written); without it, a one-line warning.")
 
@@ -211,6 +214,7 @@ def register(
     brain_mask: Optional[Path] = BrainMaskOpt,
     brain: Optional[Path] = BrainOpt,
     quality: Optional[Path] = QualityOpt,
+    qc: Optional[Path] = QcOpt,
     strict: bool = StrictOpt,
     moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
     template_out: Optional[Path] = typer.Option(None, "-O", "--template-out", help="Template moved into subject space."),
@@ -225,8 +229,8 @@ def register(
     refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
-                                          "template, warp, inverse, affine, labels, jacobian, brainmask, brain (default "
-                                          "moved,warp,labels)."),
+                                          "template, warp, inverse, affine, labels, jacobian, brainmask, brain, qc "
+                                          "(default moved,warp,labels)."),
     skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
@@ -237,14 +241,14 @@ def register(
 
         check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
                            "--labels": labels, "--jacobian": jacobian, "--mask": mask, "--brain-mask": brain_mask,
-                           "--brain": brain, "--quality": quality})
+                           "--brain": brain, "--quality": quality, "--qc": qc})
         run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
                   model_path=model, threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
                   skip_existing=skip_existing, strict=strict)
         return
     run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
                  labels, jacobian, warp_format, model, threads, _warn, refine=refine, skullstripped=skullstripped,
-                 brain_mask_out=brain_mask, brain_out=brain, quality_out=quality, strict=strict)
+                 brain_mask_out=brain_mask, brain_out=brain, quality_out=quality, strict=strict, qc_out=qc)
 
 
 # ----------------------------------------------------------------------------------------- segment
@@ -262,6 +266,7 @@ def segment(
     brain_mask: Optional[Path] = BrainMaskOpt,
     brain: Optional[Path] = BrainOpt,
     quality: Optional[Path] = QualityOpt,
+    qc: Optional[Path] = QcOpt,
     strict: bool = StrictOpt,
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
     vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
@@ -271,7 +276,7 @@ def segment(
     refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg, "
-                                          "brainmask, brain (default dseg)."),
+                                          "brainmask, brain, qc (default dseg)."),
     skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Segment a subject with the label map of its conditional template (subject's own grid)."""
@@ -281,7 +286,7 @@ def segment(
         from .batch import check_single_only, run_batch
 
         check_single_only({"-o": output, "--probs": probs, "--mask": mask, "--brain-mask": brain_mask,
-                           "--brain": brain, "--quality": quality})
+                           "--brain": brain, "--quality": quality, "--qc": qc})
         run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
                   threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
                   skip_existing=skip_existing, strict=strict)
@@ -290,7 +295,7 @@ def segment(
         ctx.fail("Missing option '-o' / '--output'.")
     run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine,
                 skullstripped=skullstripped, brain_mask_out=brain_mask, brain_out=brain, quality_out=quality,
-                strict=strict)
+                strict=strict, qc_out=qc)
 
 
 def _one_line(text: str) -> str:

@@ -176,6 +176,25 @@ def strict_exit(strict: bool, qualities: list[Quality]) -> None:
                            "their outputs were written")
 
 
+def attributes_text(attrs: dict | None) -> str:
+    """'age 70, sex F' for a QC picture's title ('population-average template' without attributes)."""
+    if not attrs:
+        return "population-average template"
+    return ", ".join(f"{k} {v}" for k, v in attrs.items() if v is not None)
+
+
+def qc_write(reg, brain: Brain, q: Quality, path: Path, attrs: dict | None,
+             labels: np.ndarray | None = None) -> Callable[[], object]:
+    """The call that draws and writes a subject's QC picture (qc.py); labels: its segmentation, if computed."""
+    from .qc import qc_figure
+
+    def write():
+        lab = labels if labels is not None else reg.labels_to_native()[0]
+        return qc_figure(reg.subject, brain.mask, lab, q, path, attributes_text(attrs))
+
+    return write
+
+
 def brain_writes(subj: Volume, brain: Brain, brain_mask_out: Path | None = None,
                  brain_out: Path | None = None) -> list[Callable[[], object]]:
     """Writers of the brain mask (uint8) and the skull-stripped image, both on the input's grid."""
@@ -192,14 +211,15 @@ def brain_writes(subj: Volume, brain: Brain, brain_mask_out: Path | None = None,
 def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine_out, labels, jacobian,
                  warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS, *,
                  skullstripped: bool = False, brain_mask_out: Path | None = None,
-                 brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False) -> None:
+                 brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False,
+                 qc_out: Path | None = None) -> None:
     if warp_format not in WARP_FORMATS:
         raise AtlasMorphError(f"--warp-format must be one of {', '.join(WARP_FORMATS)}, got '{warp_format}'")
     outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian, brain_mask_out, brain_out,
-                           quality_out])
+                           quality_out, qc_out])
     if not outs:
         raise AtlasMorphError("no output requested: give at least one of -o, -O, -t, -T, --affine, --labels, "
-                              "--jacobian, --brain-mask, --brain")
+                              "--jacobian, --brain-mask, --brain, --quality, --qc")
     subj, m = _load_inputs(image, mask)
     brain = resolve_brain(subj, m, skullstripped)
     warn(brain.warnings)
@@ -214,6 +234,8 @@ def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine
     writes += brain_writes(subj, brain, brain_mask_out, brain_out)
     if quality_out:
         writes.append(lambda: write_quality(quality_out, [q]))
+    if qc_out:
+        writes.append(qc_write(reg, brain, q, qc_out, attrs))
     with all_or_nothing():
         for w in writes:
             w()
@@ -275,8 +297,9 @@ def write_volumes(path: Path, rows: list[tuple[str, np.ndarray]], voxel_mm3: lis
 @outputs_not_inputs
 def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn,
                 refine: int = REFINE_STEPS, *, skullstripped: bool = False, brain_mask_out: Path | None = None,
-                brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False) -> None:
-    _check_outputs([output, probs, vol, brain_mask_out, brain_out, quality_out])
+                brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False,
+                qc_out: Path | None = None) -> None:
+    _check_outputs([output, probs, vol, brain_mask_out, brain_out, quality_out, qc_out])
     subj, m = _load_inputs(image, mask)
     brain = resolve_brain(subj, m, skullstripped)
     warn(brain.warnings)
@@ -291,6 +314,8 @@ def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, war
     writes = brain_writes(subj, brain, brain_mask_out, brain_out)
     if quality_out:
         writes.append(lambda: write_quality(quality_out, [q]))
+    if qc_out:
+        writes.append(qc_write(reg, brain, q, qc_out, attrs, seg))
     with all_or_nothing():
         save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
         for w in writes:

@@ -84,6 +84,7 @@ class _SubjectInputSpec(_ModelInputSpec):
     brain_file = _on_request("--brain %s", "%s_brain.nii.gz", "skull-stripped image (input's grid)",
                              name_source="in_file")
     quality_file = _on_request("--quality %s", "%s_qc.json", "quality check (JSON)", name_source="in_file")
+    qc_file = _on_request("--qc %s", "%s_qc.png", "QC picture (three planes, outlines, score)", name_source="in_file")
     strict = traits.Bool(argstr="--strict", desc="fail the node (exit code 3) when the subject fails the quality check")
     refine = traits.Range(low=0, argstr="--refine %d",
                           desc="instance-optimisation steps on the network's warp (default: the command's, 10)")
@@ -189,6 +190,7 @@ class RegisterOutputSpec(TraitedSpec):
     brain_mask_file = File(exists=True, desc="brain mask used")
     brain_file = File(exists=True, desc="skull-stripped image")
     quality_file = File(exists=True, desc="quality check (JSON)")
+    qc_file = File(exists=True, desc="QC picture (PNG)")
 
 
 class Register(_AtlasMorphCommand):
@@ -221,6 +223,7 @@ class SegmentOutputSpec(TraitedSpec):
     brain_mask_file = File(exists=True, desc="brain mask used")
     brain_file = File(exists=True, desc="skull-stripped image")
     quality_file = File(exists=True, desc="quality check (JSON)")
+    qc_file = File(exists=True, desc="QC picture (PNG)")
 
 
 class Segment(_AtlasMorphCommand):

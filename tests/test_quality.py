@@ -123,7 +123,7 @@ def test_flag_reaches_the_user_warning_json_csv_and_strict_exit_3(tmp_path, vali
         d.mkdir()
         argv = ["atlasmorph", "segment", str(img), "--age", row["age"], "--sex", row["sex"],
                 "-o", str(d / "seg.nii.gz"), "--vol", str(d / "vol.csv"), "--quality", str(d / "qc.json"),
-                "--threads", "1"] + (["--strict"] if strict else [])
+                "--qc", str(d / "qc.png"), "--threads", "1"] + (["--strict"] if strict else [])
         monkeypatch.setattr(sys, "argv", argv)
         try:
             cli.main()
@@ -139,7 +139,7 @@ def test_flag_reaches_the_user_warning_json_csv_and_strict_exit_3(tmp_path, vali
         with open(d / "vol.csv", newline="") as fh:
             r = next(csv.DictReader(fh))
         assert r["qc_flagged"] == "1" and float(r["qc_score"]) == pytest.approx(qc["score"], abs=1e-3)
-        assert (d / "seg.nii.gz").is_file()
+        assert (d / "seg.nii.gz").is_file() and (d / "qc.png").read_bytes()[:4] == b"\x89PNG"
     assert codes == {False: 0, True: 3}
 
 
@@ -161,7 +161,7 @@ def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, valida
     (tmp_path / "cohort.csv").write_text("\n".join(lines) + "\n")
     warnings: list[str] = []
     with pytest.raises(QualityError, match=r"1 of 2 subject\(s\) failed the quality check \(sub-invertedcontrast\)"):
-        run_batch("segment", tmp_path / "cohort.csv", None, tmp_path / "out", None, threads=1, quiet=True,
+        run_batch("segment", tmp_path / "cohort.csv", None, tmp_path / "out", "dseg,qc", threads=1, quiet=True,
                   warn=warnings.extend, strict=True)
     assert [w for w in warnings if "quality" in w] and all("sub-invertedcontrast" in w for w in warnings
                                                           if "quality" in w)
@@ -169,6 +169,12 @@ def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, valida
         assert json.loads((tmp_path / "out" / f"sub-{label}_desc-atlasmorph_qc.json").read_text())["flagged"] is flagged
     with open(tmp_path / "out" / "volumes.csv", newline="") as fh:
         assert [r["qc_flagged"] for r in csv.DictReader(fh)] == ["0", "1"]
+    # QC pictures, one per subject, and an index listing the flagged subject first
+    for label in ("good", "invertedcontrast"):
+        assert (tmp_path / "out" / f"sub-{label}_desc-atlasmorph_qc.png").read_bytes()[:4] == b"\x89PNG"
+    page = (tmp_path / "out" / "qc_index.html").read_text()
+    assert "2 subjects, 1 flagged" in page
+    assert page.index("sub-invertedcontrast_desc-atlasmorph_qc.png") < page.index("sub-good_desc-atlasmorph_qc.png")
 
 
 # ------------------------------------------------------------------------------------------ refused outright
