@@ -39,7 +39,8 @@ the AtlasMorph and ANTs code is segmentation_benchmark's, imported):
   ants-syn            the same with 'SyN' (antspyx default)
 
 antspyx is optional (`pip install antspyx`, or the `bench` extra); without it the ANTs methods are skipped
-and the report says so. Every (method, subject, perturbation) result is kept as JSON in --results, keyed by
+and the report says so. (antspyx 0.6.3 pins numpy<2.4 and scipy<1.16; to keep a shared environment's versions,
+`pip install --target DIR --no-deps antspyx==0.6.3 numpy==2.3.5 scipy==1.15.3` and run with PYTHONPATH=DIR.) Every (method, subject, perturbation) result is kept as JSON in --results, keyed by
 content (model file, the perturbed image, mask and labels, the method and its settings), so a stopped run
 continues, and later runs add methods, subjects or perturbations without redoing what is there.
 
@@ -333,7 +334,16 @@ def summarise(results: dict, methods: list[str], perturbations: list[str]) -> di
                 both = [s for s in got if score(clean.get(s, {}).get(m, {})) is not None]
                 drop = _mean(got[s] - score(clean[s][m]) for s in both) if both else None
                 paired = len(both)
+            per_structure = None  # mean change from clean per structure, on the input's grid, same subjects
+            if p not in ("clean", "mni152"):
+                pairs = [(r[m].get("dice_per_structure"), clean.get(x, {}).get(m, {}).get("dice_per_structure"))
+                         for x, r in rows.items() if m in r]
+                pairs = [(a, b) for a, b in pairs if a and b]
+                if pairs:
+                    per_structure = {n: _mean(a[n] - b[n] for a, b in pairs if a.get(n) is not None
+                                              and b.get(n) is not None) for n in pairs[0][0]}
             entry[m] = {"n": len(got), "dice": mean, "drop_from_clean": drop, "n_paired_with_clean": paired,
+                        "structure_change_from_clean": per_structure,
                         "per_subject": got, "dice_on_input_grid": on_input,
                         "scored_on": "clean 2 mm grid" if regridded else "input grid"}
         for m in (x for x in methods if x in OURS):
@@ -425,6 +435,17 @@ def markdown(res: dict) -> str:
                 if r:
                     lines.append(f"| {PERTURBATION_LABEL[p]} | {r['gain']:+.4f} | {'**yes**' if r['lowers_mean_dice'] else 'no'} | "
                                  f"{r['lower_on']} of {r['n']} |")
+    if ours:
+        m0 = ours[0]
+        rows_ = [(p, s[p][m0].get("structure_change_from_clean")) for p in perts]
+        # conformed inputs are left out: on their 1 mm grid the per-structure figures hold the scoring artefact
+        rows_ = [(p, d) for p, d in rows_ if d and s[p][m0].get("scored_on") != "clean 2 mm grid"]
+        if rows_:
+            lines += ["", f"## Largest per-structure changes from clean ({METHOD_LABEL[m0]})", "",
+                      "| perturbation | the 5 structures that lose most (mean Dice change) |", "|---|---|"]
+            for p, d in rows_:
+                worst = sorted((v, n) for n, v in d.items() if v is not None)[:5]
+                lines.append(f"| {PERTURBATION_LABEL[p]} | " + ", ".join(f"{n} {v:+.3f}" for v, n in worst) + " |")
     lines += ["", "## Per subject (Dice)", "", "| perturbation | subject | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
               "|---|---|" + "---|" * len(methods)]
     for p in perts:
