@@ -5,8 +5,8 @@ DLMUSE `seg > 0`, as segmentation_benchmark.py does) is written once per perturb
 (the seed of each (subject, perturbation) is derived from --seed, the subject id and the perturbation):
 
   clean      the brain as is (2 mm, PSR, the IXI grid)
-  bias40     times a smooth multiplicative bias field with values in [0.6, 1.4] (low-order cosine series,
-             at most 2 half-periods across the field of view per axis, random coefficients)
+  bias40     times a smooth multiplicative bias field spanning [0.6, 1.4] inside the brain (low-order cosine
+             series, at most 2 half-periods across the field of view per axis, random coefficients)
   gamma0.6   intensities x -> max * (x / max)^0.6 inside the brain (brighter grey matter, flatter contrast)
   gamma1.6   the same with exponent 1.6 (darker grey matter, stronger contrast)
   conform    FreeSurfer-style `mri_convert --conform` + T1 normalisation: 256^3, 1 mm, LIA, the input's centre
@@ -70,7 +70,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from atlasmorph_cli import labels  # noqa: E402
 from benchmarks import segmentation_benchmark as sb  # noqa: E402
 
-GENERATOR_VERSION = 1  # bump when a perturbation changes (the content keys change anyway)
+GENERATOR_VERSION = 2  # bump when a perturbation changes (the content keys change anyway)
 DEFAULT_SPLIT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "atlasmorph-ixi-2mm-v1_split.json"
 
 PERTURBATIONS: dict[str, dict] = {
@@ -114,11 +114,12 @@ def seed_for(base: int, subject: str, perturbation: str) -> int:
     return int.from_bytes(h[:8], "little")
 
 
-def smooth_bias_field(shape, strength: float = 0.4, seed: int = 0, n_freq: int = 2) -> np.ndarray:
-    """A smooth multiplicative field over `shape` with values in [1 - strength, 1 + strength] (both reached).
+def smooth_bias_field(shape, strength: float = 0.4, seed: int = 0, n_freq: int = 2, mask=None) -> np.ndarray:
+    """A smooth multiplicative field over `shape` with values in [1 - strength, 1 + strength], both reached
+    inside `mask` (default: the whole volume; outside the mask the field is clipped to the same bounds).
 
     Sum of separable cosines cos(pi k x) (x in [0, 1] along each axis, k = 0..n_freq, not all 0) with
-    normal coefficients that shrink with frequency, rescaled to [-1, 1]."""
+    normal coefficients that shrink with frequency, rescaled so that its range inside the mask is [-1, 1]."""
     rng = np.random.default_rng(seed)
     axes = [np.linspace(0.0, 1.0, int(n)) for n in shape]
     basis = [[np.cos(np.pi * k * a) for k in range(n_freq + 1)] for a in axes]
@@ -130,8 +131,9 @@ def smooth_bias_field(shape, strength: float = 0.4, seed: int = 0, n_freq: int =
                     continue
                 c = rng.normal() / (1.0 + kx * kx + ky * ky + kz * kz)
                 f += c * basis[0][kx][:, None, None] * basis[1][ky][None, :, None] * basis[2][kz][None, None, :]
-    lo, hi = f.min(), f.max()
-    f = 2.0 * (f - lo) / (hi - lo) - 1.0 if hi > lo else np.zeros_like(f)
+    inside = f if mask is None or not np.any(mask) else f[np.asarray(mask, dtype=bool)]
+    lo, hi = inside.min(), inside.max()
+    f = np.clip(2.0 * (f - lo) / (hi - lo) - 1.0, -1.0, 1.0) if hi > lo else np.zeros_like(f)
     return (1.0 + strength * f).astype(np.float32)
 
 
@@ -217,7 +219,7 @@ def perturb(brain, mask, index, affine, params: dict, seed: int):
     if kind == "clean":
         return np.asarray(brain, dtype=np.float32), mask, index, affine
     if kind == "bias":
-        field = smooth_bias_field(np.shape(brain), params["strength"], seed, params.get("n_freq", 2))
+        field = smooth_bias_field(np.shape(brain), params["strength"], seed, params.get("n_freq", 2), mask)
         return (np.asarray(brain, dtype=np.float32) * field) * mask, mask, index, affine
     if kind == "gamma":
         return gamma_change(brain, mask, params["gamma"]), mask, index, affine
