@@ -125,6 +125,10 @@ def train(
         LossWeights.template_centrality,
         help="Weight: the deformable template's velocity regressed on its own + the subject's (moves each template "
              "to the centre of the subjects with its attributes)."),
+    w_template_volume: float = typer.Option(
+        LossWeights.template_volume,
+        help="Weight: squared log ratio of the template's structure volumes to the subject's, through the template's "
+             "deformation only (its anatomy takes the volumes of the subjects with its attributes)."),
     template_deform: bool = typer.Option(
         True, "--template-deform/--no-template-deform",
         help="Template = base deformed by an attribute-dependent diffeomorphism + residual (v2; --init from a v1 "
@@ -172,7 +176,7 @@ def train(
     settings = TrainSettings(
         data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
         weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude,
-                            w_template_centrality),
+                            w_template_centrality, w_template_volume),
         image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,

@@ -20,3 +20,6 @@ class LossWeights:
     # the template's own deformation regressed on (its velocity + the subject's): the template moves to
     # the centre of the subjects that share its attributes (models with a deformable template only)
     template_centrality: float = 1.0
+    # squared log ratio of the template's structure volumes to the subject's, through the deformation only:
+    # the template's anatomy (not just its label colours) takes the volumes of its sub-population
+    template_volume: float = 1.0

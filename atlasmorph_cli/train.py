@@ -67,6 +67,7 @@ class TrainSettings:
     bandwidth: float = 0.5
     template_width: int = 32
     template_deform: bool = True  # template = base o exp(w(a)) + residual; --init from a v1 model adds it
+    shape_batch: int = 8  # stored subjects the deformable template is regressed on per step, besides the current
     augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
     name: str = "atlasmorph-custom"
     quiet: bool = False
@@ -136,6 +137,29 @@ def one_hot(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
     return F.one_hot(labels.long(), n).permute(0, 4, 1, 2, 3).float()
 
 
+def quarter_velocity(vel_half: torch.Tensor) -> torch.Tensor:
+    """A half-resolution velocity (half-grid voxels) averaged to quarter resolution, in quarter-grid voxels."""
+    return F.avg_pool3d(vel_half, 2) / 2.0
+
+
+@torch.no_grad()
+def fill_shape_memory(model: AtlasMorph, t1: torch.Tensor, attrs: torch.Tensor, memory: dict, idx: torch.Tensor,
+                      batch: int = 4) -> None:
+    """Template-velocity targets w(a) + v of subjects idx from the current networks (before the first step),
+    so the deformable template's regression starts from every subject instead of filling up over an epoch."""
+    was = model.training
+    model.eval()
+    dev = memory["shape"].device
+    for k in range(0, len(idx), batch):
+        sel = idx[k : k + batch]
+        a = attrs[sel].to(dev)
+        tmpl = model.template_net.forward_train(a)
+        reg = model.register(t1[sel, None].to(dev), tmpl["t1"])
+        memory["shape"][sel.to(dev)] = model.template_net.velocity_quarter(a) + quarter_velocity(reg["vel"])
+        memory["shape_filled"][sel.to(dev)] = True
+    model.train(was)
+
+
 class TrainingStep(torch.nn.Module):
     """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
 
@@ -146,19 +170,31 @@ class TrainingStep(torch.nn.Module):
         self.image_loss = losses.mse if settings.image_loss == "mse" else losses.local_ncc
         self.bandwidth = settings.bandwidth
 
-    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
-        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented)."""
-        t1_t, logits_half, tvel = self.model.template_net.forward_train(attrs)
+    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled,
+                shape_attrs, shape_targets):
+        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented);
+        shape_attrs/shape_targets: other subjects' attributes and stored template-velocity targets (K may be
+        0) that the deformable template is regressed on together with this step's subjects."""
+        tmpl = self.model.template_net.forward_train(attrs)
+        t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
         reg = self.model.register(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
+        shape_target = None
         if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w moves toward w + v
-            terms["template_centrality"] = losses.regression_to(tvel, tvel + reg["vel"])
+            b = attrs.shape[0]
+            w_q = self.model.template_net.velocity_quarter(torch.cat([attrs, shape_attrs.to(attrs.dtype)]))
+            shape_target = (w_q[:b] + quarter_velocity(reg["vel"])).detach()
+            terms["template_centrality"] = losses.regression_to(w_q, torch.cat([shape_target, shape_targets]))
         if self.w.image_inverse:
             terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
         if has_labels.any():
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
-            terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
+            target = F.avg_pool3d(one_hot(labels[sel]), 2)
+            terms["seg"] = losses.soft_dice(probs, target)
+            if tmpl["shape_logits"] is not None and self.w.template_volume:
+                shape_probs = torch.softmax(tmpl["shape_logits"][sel], dim=1)
+                terms["template_volume"] = losses.log_volume_error(shape_probs, target)
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)
@@ -167,9 +203,9 @@ class TrainingStep(torch.nn.Module):
         )
         weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
                    "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality,
-                   "template_centrality": self.w.template_centrality}
+                   "template_centrality": self.w.template_centrality, "template_volume": self.w.template_volume}
         total = sum(weights[k] * v for k, v in terms.items())
-        return total, terms, low.detach()
+        return total, terms, low.detach(), shape_target
 
 
 def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
@@ -340,6 +376,10 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     # the centrality memory lives where the model does (the loss reads all of it every step)
     memory = {"fields": torch.zeros(len(train_subj), 3, *low_shape, device=device), "attrs": tr_attr.clone().to(device),
               "filled": torch.zeros(len(train_subj), dtype=torch.bool, device=device)}
+    deform = model.template_net.deform
+    if deform:  # the deformable template's regression targets, one per training subject (checkpointed)
+        memory["shape"] = torch.zeros(len(train_subj), 3, *low_shape, device=device)
+        memory["shape_filled"] = torch.zeros(len(train_subj), dtype=torch.bool, device=device)
     if rank == 0:  # temporary files of writes interrupted by a kill (the real files are intact)
         for stale in s.out.glob(".*.part*"):
             stale.unlink(missing_ok=True)
@@ -348,6 +388,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
         for group in optimizer.param_groups:  # --lr on --resume anneals; the same --lr continues exactly
             group["lr"] = s.lr
+    elif deform:
+        fill_shape_memory(model, tr_t1, tr_attr, memory, my_idx)
+    no_shape = (torch.zeros(0, encoder.width, device=device), torch.zeros(0, 3, *low_shape, device=device))
 
     cols = TextColumn("{task.fields[info]}")
     plain_log = rank == 0 and not s.quiet and not sys.stderr.isatty()  # nohup/cluster logs get text lines
@@ -359,14 +402,22 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             x = tr_t1[pick, None]
             x_seen = augment(x, gen) if s.augment else x
             x, x_seen = x.to(device), x_seen.to(device)
-            total, terms, low = runner(x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device),
-                                       tr_attr[pick].to(device), pick.to(device),
-                                       memory["fields"], memory["attrs"], memory["filled"])
+            shape_in = no_shape
+            if deform:  # a few other subjects' targets per step: the conditional mean, not one subject's shape
+                pool = memory["shape_filled"].nonzero().flatten().cpu()
+                others = pool[torch.randint(len(pool), (s.shape_batch,), generator=gen)] if len(pool) else pool
+                shape_in = (memory["attrs"][others.to(device)], memory["shape"][others.to(device)])
+            total, terms, low, shape_target = runner(
+                x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device), tr_attr[pick].to(device),
+                pick.to(device), memory["fields"], memory["attrs"], memory["filled"], *shape_in)
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             memory["fields"][pick] = low
             memory["filled"][pick] = True
+            if shape_target is not None:
+                memory["shape"][pick.to(device)] = shape_target
+                memory["shape_filled"][pick.to(device)] = True
             step += 1
             steps_done += 1
             rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": float(total.detach()),

@@ -83,8 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     gen = torch.Generator().manual_seed(0)
     rows = [{"age": str(a), "sex": s} for a, s in zip(np.linspace(20, 86, 10), "FM" * 5)]
     enc = AttributeEncoder.fit(["age", "sex"], rows)
-    model = AtlasMorph(ModelConfig(name="bench", grid=MODEL_GRID.to_dict(), attributes=enc.to_dict())).to(dev)
-    settings = TrainSettings(data=Path("."), out=Path("."))
+    settings = TrainSettings(data=Path("."), out=Path("."))  # the defaults of `atlasmorph train`
+    model = AtlasMorph(ModelConfig(name="bench", grid=MODEL_GRID.to_dict(), attributes=enc.to_dict(),
+                                   template_deform=settings.template_deform)).to(dev)
     step = TrainingStep(model, settings)
     opt = torch.optim.Adam(model.parameters(), lr=settings.lr, fused=True)
     low = [d // 4 for d in MODEL_GRID.shape]
@@ -101,8 +102,10 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         busy0, cpu0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
         x_seen = augment(x.cpu(), gen).to(dev) if settings.augment else x  # as the training loop does
-        total, terms, low_disp = step(x, x_seen, labels, has, attrs, torch.tensor([i % args.subjects], device=dev),
-                                      mem_fields, mem_attrs, mem_filled)
+        k = settings.shape_batch if model.template_net.deform else 0  # as the loop: stored subjects' targets
+        total, terms, low_disp, _ = step(x, x_seen, labels, has, attrs, torch.tensor([i % args.subjects], device=dev),
+                                         mem_fields, mem_attrs, mem_filled, mem_attrs[:k],
+                                         mem_fields[:k] if k else mem_fields[:0])
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

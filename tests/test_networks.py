@@ -98,7 +98,7 @@ def test_deformable_template_starts_at_the_identity(n_attrs):
         plain.base.copy_(deform.base)
     a = torch.randn(3, n_attrs)
     torch.testing.assert_close(deform(a), plain(a), atol=1e-4, rtol=0)  # a warp by zero resamples at the voxels
-    t1, logits, vel = deform.forward_train(a)
+    vel = deform.forward_train(a)["vel"]
     assert vel.shape == (3, 3, 16, 16, 16) and float(vel.abs().max()) == 0.0
 
 
@@ -111,7 +111,8 @@ def test_constant_template_velocity_shifts_the_base():
     inner = t1[8:24, 8:24, 8:24]
     expect = net.base[0, 0, 8:24, 8:24, 8:24] + 3.0  # pull-back: out(x) = base(x + 3)
     torch.testing.assert_close(inner, expect, atol=1e-4, rtol=0)
-    t1_train, _, vel = net.forward_train(torch.zeros(2, 0))
+    out = net.forward_train(torch.zeros(2, 0))
+    t1_train, vel = out["t1"], out["vel"]
     torch.testing.assert_close(t1_train[0, 0, 8:24, 8:24, 8:24], expect, atol=1e-4, rtol=0)
     assert vel.shape == (2, 3, 16, 16, 16)
 
@@ -122,7 +123,7 @@ def test_template_velocity_depends_on_attributes_and_gets_gradients():
     _ramp_base(net)
     with torch.no_grad():
         net.flow_head.weight.normal_(std=1e-2)
-    _, _, vel = net.forward_train(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))
+    vel = net.forward_train(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]))["vel"]
     assert float((vel[0] - vel[1]).abs().max()) > 0
     from atlasmorph_cli.nn.losses import regression_to
 
@@ -145,3 +146,29 @@ def test_regression_to_a_detached_target_converges_to_the_targets_mean():
         sum(regression_to(w, t[None]) for t in targets).backward()
         opt.step()
     torch.testing.assert_close(w[0], targets.mean(0), atol=0.01, rtol=0)
+
+
+def test_shape_logits_carry_gradient_to_the_deformation_only():
+    torch.manual_seed(0)
+    net = TemplateNet(2, SHAPE, n_classes=3, width=8, deform=True)
+    with torch.no_grad():
+        net.base.normal_()
+        net.flow_head.weight.normal_(std=1e-2)
+        net.head.weight.normal_(std=1e-2)
+    out = net.forward_train(torch.randn(2, 2))
+    out["shape_logits"].square().sum().backward()
+    assert net.base.grad is None and net.head.weight.grad is None
+    assert float(net.flow_head.weight.grad.abs().sum()) > 0
+
+
+def test_log_volume_error_known_answer():
+    from atlasmorph_cli.nn.losses import log_volume_error
+
+    target = torch.zeros(1, 3, 8, 8, 8)
+    target[0, 0] = 1.0
+    target[0, 0, :4], target[0, 1, :4] = 0.0, 1.0  # structure 1: 256 voxels; structure 2 absent
+    probs = torch.zeros_like(target)
+    probs[0, 1, :2] = 1.0  # 128 voxels: half the volume
+    probs[0, 2, :1] = 1.0  # an absent structure does not count
+    torch.testing.assert_close(log_volume_error(probs, target), torch.tensor(torch.log(torch.tensor(2.0)) ** 2))
+    assert float(log_volume_error(target, target)) == 0.0

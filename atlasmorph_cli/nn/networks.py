@@ -73,9 +73,7 @@ class TemplateNet(nn.Module):
         velocity at half resolution (B, 3, X/2, Y/2, Z/2); None for what the network does not have."""
         b = attrs.shape[0]
         if self.n_attrs == 0:
-            vel = None
-            if self.deform:
-                vel = resize_field(self.flow_const, 2.0).expand(b, 3, *(s // 2 for s in self.shape))
+            vel = resize_field(self.velocity_quarter(attrs), 2.0) if self.deform else None
             return None, vel
         x = self.mlp(attrs.to(self.base.dtype)).view(b, self.width, *self.low)
         vel = None
@@ -85,6 +83,18 @@ class TemplateNet(nn.Module):
                 vel = resize_field(self.flow_head(x), 2.0)
         return self.head(x), vel
 
+    def velocity_quarter(self, attrs: torch.Tensor) -> torch.Tensor:
+        """The template velocity at quarter resolution (B, 3, X/4, Y/4, Z/4; quarter-grid voxels), without
+        the half-resolution residual: the cheap path that the centrality regression evaluates for many
+        attribute vectors per step."""
+        b = attrs.shape[0]
+        if self.n_attrs == 0:
+            return self.flow_const.expand(b, *self.flow_const.shape[1:])
+        x = self.mlp(attrs.to(self.base.dtype)).view(b, self.width, *self.low)
+        for block in self.decoder[:2]:
+            x = block(upsample2(x))
+        return self.flow_head(x)
+
     def residual_half(self, attrs: torch.Tensor) -> torch.Tensor:
         """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2)."""
         return self.branches(attrs)[0]
@@ -93,9 +103,11 @@ class TemplateNet(nn.Module):
         """Attribute-dependent residual (B, 1 + n_classes, X, Y, Z)."""
         return upsample2(self.residual_half(attrs))
 
-    def forward_train(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Training outputs: full-resolution T1 (B,1,X,Y,Z), HALF-resolution label logits (B,C,X/2,Y/2,Z/2)
-        and the template velocity (B,3,X/2,Y/2,Z/2), or None without `deform`.
+    def forward_train(self, attrs: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        """Training outputs: `t1` full-resolution T1 (B,1,X,Y,Z), `logits` HALF-resolution label logits
+        (B,C,X/2,Y/2,Z/2); with `deform` also `vel`, the template velocity (B,3,X/2,Y/2,Z/2), and
+        `shape_logits`, the same logits through which only the deformation carries gradient (for terms
+        that must change the template's anatomy by moving it, not by repainting its labels).
 
         The label terms are scored at half resolution (the base averaged 2x2x2, deformed, plus the
         half-resolution residual), which keeps a CPU training step affordable; `forward` gives the
@@ -104,13 +116,18 @@ class TemplateNet(nn.Module):
         b = attrs.shape[0]
         t1, logits = self.base[:, :1], F.avg_pool3d(self.base[:, 1:], 2)
         r, vel = self.branches(attrs)
+        out: dict[str, torch.Tensor | None] = {"vel": vel, "shape_logits": None}
         if vel is not None:
             disp_half = integrate_velocity(vel, self.int_steps)
+            shape_logits = warp(logits.detach().expand(b, *logits.shape[1:]), disp_half)
+            out["shape_logits"] = shape_logits if r is None else shape_logits + r[:, 1:].detach()
             t1 = warp(t1.expand(b, *t1.shape[1:]), resize_field(disp_half, 2.0))
             logits = warp(logits.expand(b, *logits.shape[1:]), disp_half)
         if r is None:
-            return t1.expand(b, *t1.shape[1:]), logits.expand(b, *logits.shape[1:]), vel
-        return t1 + upsample2(r[:, :1]), logits + r[:, 1:], vel
+            out.update(t1=t1.expand(b, *t1.shape[1:]), logits=logits.expand(b, *logits.shape[1:]))
+        else:
+            out.update(t1=t1 + upsample2(r[:, :1]), logits=logits + r[:, 1:])
+        return out
 
     def forward(self, attrs: torch.Tensor) -> torch.Tensor:
         """Template(s) for attributes (B, n_attrs) -> raw output (B, 1 + n_classes, X, Y, Z)."""
