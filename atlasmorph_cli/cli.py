@@ -191,12 +191,14 @@ def train(
 def template(
     output: Path = typer.Option(..., "-o", "--output", help="Template T1 (.nii.gz/.mgz); with an age range, "
                                 "one file per age named OUTPUT_age-<A>."),
-    age: Optional[str] = typer.Option(None, "--age", help="Age in years, or START:STOP:STEP for a trajectory."),
+    age: Optional[str] = typer.Option(None, "--age", help="Age in years, or START:STOP:STEP for a trajectory "
+                                    "(stop included; at most 1000 ages)."),
     sex: Optional[str] = SexOpt,
     attr: Optional[list[str]] = AttrOpt,
     labels: Optional[Path] = typer.Option(None, "--labels", help="Hard label map (FreeSurfer ids)."),
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities (background + 34)."),
-    png: Optional[Path] = typer.Option(None, "--png", help="Montage of slices (across ages for a trajectory)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Montage of slices (across ages for a trajectory; at "
+                                  "most 25 of them, evenly spaced)."),
     model: Optional[Path] = ModelOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
