@@ -100,11 +100,18 @@ def save_model(model: AtlasMorph, path: Path | str, dtype: torch.dtype | None = 
     return Path(path)
 
 
+def _looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file opens with its JSON header's length (u64, little-endian) and then '{'."""
+    return len(head) >= 9 and 0 < int.from_bytes(head[:8], "little") <= size - 8 and head[8:9] == b"{"
+
+
 def _refuse_pickle(path: Path) -> None:
-    """Refuse pickle-based files by name and by content (zip from torch.save, raw pickle opcodes)."""
+    """Refuse pickle-based files by name and by content (zip from torch.save, raw pickle opcodes). A safetensors
+    header may start with the byte 0x80 (its length), so the content test applies only to non-safetensors files."""
     with open(path, "rb") as fh:
-        head = fh.read(8)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":
+        head = fh.read(9)
+    pickled = head[:4] == b"PK\x03\x04" or head[:1] == b"\x80"
+    if path.suffix.lower() in PICKLE_SUFFIXES or (pickled and not _looks_like_safetensors(head, path.stat().st_size)):
         raise AtlasMorphError(
             f"{path}: refusing a pickle/.pt file (unpickling can run arbitrary code); "
             "AtlasMorph only loads .safetensors model files"

@@ -1,8 +1,10 @@
 """Model files: float16 release copies load back as float32 models that give the same template."""
 from __future__ import annotations
 
+import pytest
 import torch
 
+from atlasmorph_cli.errors import AtlasMorphError
 from atlasmorph_cli.model import load_model, save_model, sha256
 from synthetic import small_model
 
@@ -21,3 +23,25 @@ def test_float16_release_roundtrip(tmp_path):
     # saving the same model twice gives the same bytes (the shipped sha256 is reproducible)
     again = save_model(full, tmp_path / "half2.safetensors", dtype=torch.float16)
     assert sha256(again) == sha256(half_path)
+
+
+def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """A safetensors file opens with its header length; a low byte of 0x80 (a pickle's first opcode) must
+    not make the pickle check refuse about 1 in 256 valid model files."""
+    from safetensors.torch import save_file
+
+    from atlasmorph_cli.model import read_config
+
+    path = tmp_path / "m.safetensors"
+    for pad in range(300):
+        save_file({"a": torch.zeros(1)}, str(path), metadata={"format": "atlasmorph-model", "config": "{}",
+                                                                "pad": "x" * pad})
+        if path.read_bytes()[:1] == b"\x80":
+            break
+    assert path.read_bytes()[:1] == b"\x80"
+    with pytest.raises(AtlasMorphError) as err:
+        read_config(path)
+    assert "refusing a pickle" not in str(err.value) and "format version None" in str(err.value)
+    (tmp_path / "p.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a real pickle is still refused
+    with pytest.raises(AtlasMorphError, match="refusing a pickle"):
+        read_config(tmp_path / "p.safetensors")
