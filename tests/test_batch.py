@@ -120,7 +120,8 @@ def test_list_register_writes_bids_names(tmp_path, brains, mni_model):
     label = rows[0]["subject"].replace("-", "") + "T1w"
     assert sorted(p.name for p in out.iterdir()) == sorted(f"sub-{label}_{s}" for s in (
         "space-template_T1w.nii.gz", "from-T1w_to-template_mode-image_xfm.nii.gz",
-        "from-template_to-T1w_mode-image_xfm.nii.gz", "desc-atlasmorph_dseg.nii.gz"))
+        "from-template_to-T1w_mode-image_xfm.nii.gz", "desc-atlasmorph_dseg.nii.gz",
+        "desc-atlasmorph_qc.json"))  # the quality check's JSON is always written
     moved = nib.load(str(out / f"sub-{label}_space-template_T1w.nii.gz"))
     np.testing.assert_allclose(moved.affine, MODEL_GRID.affine)
     warp = nib.load(str(out / f"sub-{label}_from-T1w_to-template_mode-image_xfm.nii.gz"))
@@ -147,7 +148,8 @@ def test_csv_with_a_bad_subject_continues_and_fails_at_the_end(tmp_path, data_di
     assert "1 of 2 subjects failed (sub-broken1)" in errors[1] and "Traceback" not in p.stderr
     label = good["subject"].replace("-", "")
     assert sorted(x.name for x in out.iterdir()) == [f"sub-{label}_desc-atlasmorph_dseg.nii.gz",
-                                                     f"sub-{label}_desc-atlasmorph_probseg.nii.gz", "volumes.csv"]
+                                                     f"sub-{label}_desc-atlasmorph_probseg.nii.gz",
+                                                     f"sub-{label}_desc-atlasmorph_qc.json", "volumes.csv"]
     src = nib.load(str(data_dir / "ixi" / good["t1"]))
     probs = nib.load(str(out / f"sub-{label}_desc-atlasmorph_probseg.nii.gz"))
     assert probs.shape == (*src.shape, 35) and np.allclose(probs.affine, src.affine, atol=1e-4)

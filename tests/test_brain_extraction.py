@@ -115,8 +115,8 @@ def test_batch_whole_head_writes_brain_masks(tmp_path, whole_head, mni_model):
     assert r.exit_code == 0, (r.output, r.exception)
     label = row["subject"].replace("-", "") + "T1"  # the id is the file name without its suffix
     names = sorted(x.name for x in out.iterdir())
-    assert names == [f"sub-{label}_desc-atlasmorph_dseg.nii.gz", f"sub-{label}_desc-brain_T1w.nii.gz",
-                     f"sub-{label}_desc-brain_mask.nii.gz", "volumes.csv"]
+    assert names == [f"sub-{label}_desc-atlasmorph_dseg.nii.gz", f"sub-{label}_desc-atlasmorph_qc.json",
+                     f"sub-{label}_desc-brain_T1w.nii.gz", f"sub-{label}_desc-brain_mask.nii.gz", "volumes.csv"]
     m = np.asarray(nib.load(str(out / f"sub-{label}_desc-brain_mask.nii.gz")).dataobj) > 0
     assert dice(m, seg > 0) > 0.96
 
