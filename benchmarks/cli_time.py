@@ -2,9 +2,12 @@
 
 Each run is a fresh `atlasmorph` process (Python start, imports, model load and sha256 check, reading
 the whole-head T1 and its mask, affine, networks, native-space resampling, writing outputs), on shared
-IXI subjects with their DLMUSE mask (seg > 0) as `--mask`. Peak memory is the child's max RSS.
+IXI subjects with their DLMUSE mask (seg > 0) as `--mask` (the quality check then also compares it with
+deepbet's extraction), or with --whole-head without a mask (the brain is extracted). Peak memory is the
+child's max RSS.
 
     python benchmarks/cli_time.py --n 5 --json docs/benchmarks/cli_time.json
+    python benchmarks/cli_time.py --n 3 --whole-head --json docs/benchmarks/cli_time_wholehead.json
 """
 from __future__ import annotations
 
@@ -45,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n", type=int, default=5, help="IXI subjects (first n with age, sorted by id)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--whole-head", action="store_true", help="no --mask: the tool extracts the brain itself")
     args = ap.parse_args(argv)
     data = find_data_dir()
     if data is None:
@@ -56,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     load = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in rows:
-            base = [str(data / "ixi" / r["t1"]), "--mask", str(data / "ixi" / r["seg"]),
+            mask = [] if args.whole_head else ["--mask", str(data / "ixi" / r["seg"])]
+            base = [str(data / "ixi" / r["t1"]), *mask,
                     "--age", r["age"], "--sex", r["sex"], "--threads", str(args.threads)]
             seg = [exe, "segment", *base, "-o", f"{tmp}/seg.nii.gz", "--vol", f"{tmp}/vol.csv"]
             reg = [exe, "register", *base, "-o", f"{tmp}/moved.nii.gz", "-t", f"{tmp}/warp.nii.gz",
