@@ -43,9 +43,10 @@ RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimis
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
 SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
 AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
-ImageArg = typer.Argument(..., help="T1 image, any orientation: whole-head (the brain is extracted first, with "
-                          "deepbet), skull-stripped (its non-zero voxels are the brain), or whole-head with --mask; "
-                          "or a batch: a folder of images, a .txt list or a cohort .csv.")
+ImageArg = typer.Argument(..., help="T1 image, any orientation: whole-head (more than 2.5 L of non-zero voxels: "
+                          "the brain is extracted first, with deepbet), skull-stripped (at most 2.5 L, or "
+                          "--skullstripped: its non-zero voxels are the brain), or any T1 with --mask; or a batch: a "
+                          "folder of images, a .txt list or a cohort .csv. See docs/brain-extraction.md.")
 MaskOpt = typer.Option(None, "--mask", help="Brain mask on the image's grid (> 0 is brain; a probabilistic mask "
                        "with values in [0, 1] is read as >= 0.5). No extraction is run.")
 SkullstrippedOpt = typer.Option(False, "--skullstripped", help="The image is already brain-extracted: its non-zero "
