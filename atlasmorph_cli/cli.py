@@ -122,14 +122,10 @@ def train(
     w_smooth: float = typer.Option(LossWeights.smooth, help="Weight: gradient L2 of the displacement."),
     w_centrality: float = typer.Option(LossWeights.centrality, help="Weight: kernel-weighted mean displacement."),
     w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
-    w_template_centrality: float = typer.Option(
-        LossWeights.template_centrality,
-        help="Weight: the deformable template's velocity regressed on its own + the subject's (moves each template "
-             "to the centre of the subjects with its attributes)."),
-    w_template_volume: float = typer.Option(
-        LossWeights.template_volume,
-        help="Weight: squared log ratio of the template's structure volumes to the subject's, through the template's "
-             "deformation only (its anatomy takes the volumes of the subjects with its attributes)."),
+    shape_every: int = typer.Option(
+        25, min=1, help="Steps between closed-form refits of the deformable template: the regression of the "
+                        "subjects' stored warps on their attributes (each template moves to the centre of its "
+                        "sub-population)."),
     template_deform: bool = typer.Option(
         True, "--template-deform/--no-template-deform",
         help="Template = base deformed by an attribute-dependent diffeomorphism + residual (v2; --init from a v1 "
@@ -176,12 +172,11 @@ def train(
     names = [] if attributes.strip().lower() == "none" else [a.strip() for a in attributes.split(",") if a.strip()]
     settings = TrainSettings(
         data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
-        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude,
-                            w_template_centrality, w_template_volume),
+        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude),
         image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
-        template_deform=template_deform, augment=augment,
+        template_deform=template_deform, augment=augment, shape_every=shape_every,
     )
     final = run_train(settings, training_reference(reference, init))
     err.print(f"model written to {final}")

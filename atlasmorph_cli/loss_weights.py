@@ -17,9 +17,3 @@ class LossWeights:
     smooth: float = 1.0  # gradient L2 of the half-resolution displacement (voxelmorph's 0.01 x the image weight)
     centrality: float = 1.0  # kernel-weighted mean displacement toward zero
     magnitude: float = 0.001  # plain mean squared displacement
-    # the template's own deformation regressed on (its velocity + the subject's): the template moves to
-    # the centre of the subjects that share its attributes (models with a deformable template only)
-    template_centrality: float = 1.0
-    # squared log ratio of the template's structure volumes to the subject's, through the deformation only:
-    # the template's anatomy (not just its label colours) takes the volumes of its sub-population
-    template_volume: float = 1.0

@@ -67,7 +67,7 @@ class TrainSettings:
     bandwidth: float = 0.5
     template_width: int = 32
     template_deform: bool = True  # template = base o exp(w(a)) + residual; --init from a v1 model adds it
-    shape_batch: int = 8  # stored subjects the deformable template is regressed on per step, besides the current
+    shape_every: int = 25  # steps between closed-form refits of the deformable template on the subjects' warps
     augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
     name: str = "atlasmorph-custom"
     quiet: bool = False
@@ -160,6 +160,20 @@ def fill_shape_memory(model: AtlasMorph, t1: torch.Tensor, attrs: torch.Tensor, 
     model.train(was)
 
 
+@torch.no_grad()
+def refit_template_shape(model: AtlasMorph, memory: dict) -> None:
+    """Set the deformable template's coefficients to the regression of the stored targets w(a_i) + v_i on the
+    attributes (summed over ranks under DDP, so every rank gets the same template): each template moves to
+    the centre of the subjects with its attributes, as a classical template build averages the warps."""
+    keep = memory["shape_filled"]
+    gram, cross = model.template_net.shape_normal_equations(memory["attrs"][keep], memory["shape"][keep])
+    if dist.is_initialized():
+        dist.all_reduce(gram)
+        dist.all_reduce(cross)
+    if float(gram[0, 0]) > 0:  # at least one subject stored
+        model.template_net.fit_shape(gram, cross)
+
+
 class TrainingStep(torch.nn.Module):
     """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
 
@@ -170,31 +184,24 @@ class TrainingStep(torch.nn.Module):
         self.image_loss = losses.mse if settings.image_loss == "mse" else losses.local_ncc
         self.bandwidth = settings.bandwidth
 
-    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled,
-                shape_attrs, shape_targets):
-        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented);
-        shape_attrs/shape_targets: other subjects' attributes and stored template-velocity targets (K may be
-        0) that the deformable template is regressed on together with this step's subjects."""
+    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
+        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented).
+        Also returns, with a deformable template, each subject's deformation target w(a) + v (detached)."""
         tmpl = self.model.template_net.forward_train(attrs)
         t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
         reg = self.model.register(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
         shape_target = None
-        if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w moves toward w + v
-            b = attrs.shape[0]
-            w_q = self.model.template_net.velocity_quarter(torch.cat([attrs, shape_attrs.to(attrs.dtype)]))
-            shape_target = (w_q[:b] + quarter_velocity(reg["vel"])).detach()
-            terms["template_centrality"] = losses.regression_to(w_q, torch.cat([shape_target, shape_targets]))
+        if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w is refitted toward w + v
+            v_q = quarter_velocity(reg["vel"]).detach()
+            shape_target = self.model.template_net.velocity_quarter(attrs).detach() + v_q
+            terms["off_centre"] = (v_q**2).sum(1).mean()  # monitored: what the next refit moves
         if self.w.image_inverse:
             terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
         if has_labels.any():
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
-            target = F.avg_pool3d(one_hot(labels[sel]), 2)
-            terms["seg"] = losses.soft_dice(probs, target)
-            if tmpl["shape_logits"] is not None and self.w.template_volume:
-                shape_probs = torch.softmax(tmpl["shape_logits"][sel], dim=1)
-                terms["template_volume"] = losses.log_volume_error(shape_probs, target)
+            terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)
@@ -202,17 +209,16 @@ class TrainingStep(torch.nn.Module):
             low, attrs, mem_fields, mem_attrs, mem_filled, idx, self.bandwidth
         )
         weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
-                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality,
-                   "template_centrality": self.w.template_centrality, "template_volume": self.w.template_volume}
-        total = sum(weights[k] * v for k, v in terms.items())
+                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
+        total = sum(weights[k] * v for k, v in terms.items() if k in weights)
         return total, terms, low.detach(), shape_target
 
 
 def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
-    """Copy a model's weights into `model`; a template deformation branch the init lacks starts at zero
-    (the identity), so fine-tuning a v1 model into a deformable template starts from v1 exactly."""
+    """Copy a model's weights into `model`; a template deformation the init lacks starts at zero (the
+    identity), so fine-tuning a v1 model into a deformable template starts from v1 exactly."""
     missing, unexpected = model.load_state_dict(init_model.state_dict(), strict=False)
-    new = [k for k in missing if not k.startswith(("template_net.flow_head.", "template_net.flow_const"))]
+    new = [k for k in missing if k not in ("template_net.shape_coef", "template_net.attr_lo", "template_net.attr_hi")]
     if unexpected or new:
         raise AtlasMorphError(f"--init: the model's weights do not fit this network ({(unexpected or new)[0]})")
 
@@ -389,8 +395,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         for group in optimizer.param_groups:  # --lr on --resume anneals; the same --lr continues exactly
             group["lr"] = s.lr
     elif deform:
+        model.template_net.set_attribute_range(tr_attr.to(device))
         fill_shape_memory(model, tr_t1, tr_attr, memory, my_idx)
-    no_shape = (torch.zeros(0, encoder.width, device=device), torch.zeros(0, 3, *low_shape, device=device))
+        refit_template_shape(model, memory)
 
     cols = TextColumn("{task.fields[info]}")
     plain_log = rank == 0 and not s.quiet and not sys.stderr.isatty()  # nohup/cluster logs get text lines
@@ -402,14 +409,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             x = tr_t1[pick, None]
             x_seen = augment(x, gen) if s.augment else x
             x, x_seen = x.to(device), x_seen.to(device)
-            shape_in = no_shape
-            if deform:  # a few other subjects' targets per step: the conditional mean, not one subject's shape
-                pool = memory["shape_filled"].nonzero().flatten().cpu()
-                others = pool[torch.randint(len(pool), (s.shape_batch,), generator=gen)] if len(pool) else pool
-                shape_in = (memory["attrs"][others.to(device)], memory["shape"][others.to(device)])
             total, terms, low, shape_target = runner(
                 x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device), tr_attr[pick].to(device),
-                pick.to(device), memory["fields"], memory["attrs"], memory["filled"], *shape_in)
+                pick.to(device), memory["fields"], memory["attrs"], memory["filled"])
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
@@ -418,6 +420,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             if shape_target is not None:
                 memory["shape"][pick.to(device)] = shape_target
                 memory["shape_filled"][pick.to(device)] = True
+                if (step + 1) % s.shape_every == 0:
+                    refit_template_shape(model, memory)
             step += 1
             steps_done += 1
             rec = {"step": step, "lr": optimizer.param_groups[0]["lr"], "loss": float(total.detach()),

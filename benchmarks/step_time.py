@@ -102,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         busy0, cpu0, t0 = busy_cpu_seconds(), time.process_time(), time.perf_counter()
         x_seen = augment(x.cpu(), gen).to(dev) if settings.augment else x  # as the training loop does
-        k = settings.shape_batch if model.template_net.deform else 0  # as the loop: stored subjects' targets
         total, terms, low_disp, _ = step(x, x_seen, labels, has, attrs, torch.tensor([i % args.subjects], device=dev),
-                                         mem_fields, mem_attrs, mem_filled, mem_attrs[:k],
-                                         mem_fields[:k] if k else mem_fields[:0])
+                                         mem_fields, mem_attrs, mem_filled)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

@@ -171,29 +171,6 @@ def magnitude_l2(field: torch.Tensor) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def regression_to(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over voxels of the squared vector distance between `pred` and a constant (detached) target.
-
-    Used for the deformable template's centrality: in expectation over subjects the minimiser is the
-    conditional mean of the targets, i.e. the template moves to the centre of its sub-population.
-    """
-    return ((pred - target.detach()) ** 2).sum(1).mean()
-
-
-def log_volume_error(probs: torch.Tensor, target: torch.Tensor, min_voxels: float = 8.0) -> torch.Tensor:
-    """Mean squared log ratio of structure volumes (sums of probabilities) between a template and a subject.
-
-    probs, target: (B, C, ...) probabilities / one-hot on the same grid; channel 0 (background) and
-    structures with fewer than `min_voxels` in the subject are left out. Regressed over subjects, the
-    template's log volumes go to the conditional mean of its sub-population's (a centrality of volume).
-    """
-    dims = tuple(range(2, probs.ndim))
-    vt, vs = probs[:, 1:].sum(dims), target[:, 1:].sum(dims).detach()
-    keep = (vs >= min_voxels).to(probs.dtype)
-    err = (torch.log(vt.clamp_min(1.0)) - torch.log(vs.clamp_min(1.0))) ** 2
-    return (err * keep).sum() / keep.sum().clamp_min(1.0)
-
-
 def attribute_weights(query: torch.Tensor, keys: torch.Tensor, bandwidth: float) -> torch.Tensor:
     """Gaussian kernel weights (B, N) = exp(-||keys_j - query_b||^2 / (2 h^2)); all 1 when there are 0 attributes."""
     d2 = ((query[:, None, :] - keys[None, :, :]) ** 2).sum(-1)

@@ -28,11 +28,14 @@ class TemplateNet(nn.Module):
     resolution -> a zero-initialised 1x1x1 conv -> trilinear upsample to full resolution, so training
     starts from the base template exactly.
 
-    With `shape=True` the template is also a *deformation* of the base: a zero-initialised 3x3x3 conv
-    reads the decoder at quarter resolution and gives a stationary velocity (half-resolution voxels,
-    as RegNet's), integrated by scaling and squaring; template = base o exp(w(a)) + residual. Age acts on
+    With `deform=True` the template is also a *deformation* of the base: template = base o exp(w(a)) +
+    residual, with a stationary velocity w(a) = sum_k b_k(a) C_k at quarter resolution, a regression on the
+    basis b(a) = [1, a, a^2] of the encoded attributes (clamped to their training range). The coefficient
+    fields C are not learned by gradient: training sets them, in closed form, to the regression of the
+    subjects' deformations on their attributes (`fit_shape`), so each template sits at the centre of the
+    subjects that share its attributes, as a classical template build averages the warps. Age acts on
     anatomy mostly as shape (ventricles expand, cortex thins), which this expresses directly. Without
-    attributes the velocity is one learned field (the unconditional model's centring deformation).
+    attributes b(a) = [1]: one centring deformation.
     """
 
     def __init__(self, n_attrs: int, shape: Sequence[int], n_classes: int = 35, width: int = 32,
@@ -53,12 +56,10 @@ class TemplateNet(nn.Module):
             self.head = nn.Conv3d(chans[-1], 1 + self.n_classes, 1)  # 1x1x1: a cheap per-voxel read-out
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-            if self.deform:
-                self.flow_head = nn.Conv3d(chans[2], 3, 3, padding=1)  # reads the quarter-resolution features
-                nn.init.zeros_(self.flow_head.weight)
-                nn.init.zeros_(self.flow_head.bias)
-        elif self.deform:
-            self.flow_const = nn.Parameter(torch.zeros(1, 3, *(s // 4 for s in self.shape)))
+        if self.deform:
+            self.register_buffer("shape_coef", torch.zeros(1 + 2 * self.n_attrs, 3, *(s // 4 for s in self.shape)))
+            self.register_buffer("attr_lo", torch.full((self.n_attrs,), -float("inf")))
+            self.register_buffer("attr_hi", torch.full((self.n_attrs,), float("inf")))
 
     @torch.no_grad()
     def init_base(self, mean_t1: torch.Tensor, mean_onehot: torch.Tensor) -> None:
@@ -71,29 +72,42 @@ class TemplateNet(nn.Module):
     def branches(self, attrs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2) and template
         velocity at half resolution (B, 3, X/2, Y/2, Z/2); None for what the network does not have."""
-        b = attrs.shape[0]
+        vel = resize_field(self.velocity_quarter(attrs), 2.0) if self.deform else None
         if self.n_attrs == 0:
-            vel = resize_field(self.velocity_quarter(attrs), 2.0) if self.deform else None
             return None, vel
-        x = self.mlp(attrs.to(self.base.dtype)).view(b, self.width, *self.low)
-        vel = None
-        for k, block in enumerate(self.decoder):
+        x = self.mlp(attrs.to(self.base.dtype)).view(attrs.shape[0], self.width, *self.low)
+        for block in self.decoder:
             x = block(upsample2(x))
-            if k == 1 and self.deform:
-                vel = resize_field(self.flow_head(x), 2.0)
         return self.head(x), vel
 
+    def shape_basis(self, attrs: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + 2A) regression basis [1, a, a^2] of encoded attributes clamped to the training range."""
+        a = torch.minimum(torch.maximum(attrs.to(self.shape_coef.dtype), self.attr_lo), self.attr_hi)
+        return torch.cat([a.new_ones(a.shape[0], 1), a, a * a], dim=1)
+
     def velocity_quarter(self, attrs: torch.Tensor) -> torch.Tensor:
-        """The template velocity at quarter resolution (B, 3, X/4, Y/4, Z/4; quarter-grid voxels), without
-        the half-resolution residual: the cheap path that the centrality regression evaluates for many
-        attribute vectors per step."""
-        b = attrs.shape[0]
-        if self.n_attrs == 0:
-            return self.flow_const.expand(b, *self.flow_const.shape[1:])
-        x = self.mlp(attrs.to(self.base.dtype)).view(b, self.width, *self.low)
-        for block in self.decoder[:2]:
-            x = block(upsample2(x))
-        return self.flow_head(x)
+        """The template velocity at quarter resolution (B, 3, X/4, Y/4, Z/4; quarter-grid voxels)."""
+        return torch.einsum("bk,kcxyz->bcxyz", self.shape_basis(attrs), self.shape_coef)
+
+    @torch.no_grad()
+    def set_attribute_range(self, attrs: torch.Tensor) -> None:
+        """Clamp the shape basis to the range of these (training) attributes: no extrapolated anatomy."""
+        self.attr_lo.copy_(attrs.min(0).values)
+        self.attr_hi.copy_(attrs.max(0).values)
+
+    def shape_normal_equations(self, attrs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B^T B, B^T T) of the basis of attrs (N, A) and velocity targets (N, 3, ...): sums, so ranks add them."""
+        basis = self.shape_basis(attrs).double()
+        return basis.T @ basis, basis.T @ targets.reshape(len(targets), -1).double()
+
+    @torch.no_grad()
+    def fit_shape(self, gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-3) -> None:
+        """Coefficients of the ridge regression of the targets on the basis (ridge relative to the mean
+        diagonal of the Gram matrix; it also settles the collinear columns of one-hot attributes)."""
+        k = gram.shape[0]
+        lam = ridge * float(torch.diagonal(gram).mean())
+        coef = torch.linalg.solve(gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device), cross)
+        self.shape_coef.copy_(coef.view_as(self.shape_coef).to(self.shape_coef.dtype))
 
     def residual_half(self, attrs: torch.Tensor) -> torch.Tensor:
         """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2)."""
@@ -105,9 +119,7 @@ class TemplateNet(nn.Module):
 
     def forward_train(self, attrs: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Training outputs: `t1` full-resolution T1 (B,1,X,Y,Z), `logits` HALF-resolution label logits
-        (B,C,X/2,Y/2,Z/2); with `deform` also `vel`, the template velocity (B,3,X/2,Y/2,Z/2), and
-        `shape_logits`, the same logits through which only the deformation carries gradient (for terms
-        that must change the template's anatomy by moving it, not by repainting its labels).
+        (B,C,X/2,Y/2,Z/2) and `vel`, the template velocity (B,3,X/2,Y/2,Z/2), None without `deform`.
 
         The label terms are scored at half resolution (the base averaged 2x2x2, deformed, plus the
         half-resolution residual), which keeps a CPU training step affordable; `forward` gives the
@@ -116,18 +128,13 @@ class TemplateNet(nn.Module):
         b = attrs.shape[0]
         t1, logits = self.base[:, :1], F.avg_pool3d(self.base[:, 1:], 2)
         r, vel = self.branches(attrs)
-        out: dict[str, torch.Tensor | None] = {"vel": vel, "shape_logits": None}
         if vel is not None:
             disp_half = integrate_velocity(vel, self.int_steps)
-            shape_logits = warp(logits.detach().expand(b, *logits.shape[1:]), disp_half)
-            out["shape_logits"] = shape_logits if r is None else shape_logits + r[:, 1:].detach()
             t1 = warp(t1.expand(b, *t1.shape[1:]), resize_field(disp_half, 2.0))
             logits = warp(logits.expand(b, *logits.shape[1:]), disp_half)
         if r is None:
-            out.update(t1=t1.expand(b, *t1.shape[1:]), logits=logits.expand(b, *logits.shape[1:]))
-        else:
-            out.update(t1=t1 + upsample2(r[:, :1]), logits=logits + r[:, 1:])
-        return out
+            return {"t1": t1.expand(b, *t1.shape[1:]), "logits": logits.expand(b, *logits.shape[1:]), "vel": vel}
+        return {"t1": t1 + upsample2(r[:, :1]), "logits": logits + r[:, 1:], "vel": vel}
 
     def forward(self, attrs: torch.Tensor) -> torch.Tensor:
         """Template(s) for attributes (B, n_attrs) -> raw output (B, 1 + n_classes, X, Y, Z)."""
