@@ -120,7 +120,10 @@ def train(
     w_image_inverse: float = typer.Option(LossWeights.image_inverse, help="Weight: template vs subject warped to template."),
     w_seg: float = typer.Option(LossWeights.seg, help="Weight: soft Dice of warped template labels."),
     w_smooth: float = typer.Option(LossWeights.smooth, help="Weight: gradient L2 of the displacement."),
-    w_centrality: float = typer.Option(LossWeights.centrality, help="Weight: kernel-weighted mean displacement."),
+    w_centrality: float = typer.Option(
+        LossWeights.centrality, help="Weight: kernel-weighted mean of the registration network's displacements "
+                                     "toward zero (v1 used 1; off with the deformable template, which is refitted "
+                                     "to the centre itself)."),
     w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
     shape_every: int = typer.Option(
         25, min=1, help="Steps between closed-form refits of the deformable template: the regression of the "

@@ -15,5 +15,8 @@ class LossWeights:
     image_inverse: float = 0.0  # template vs subject warped into template space (costs a full-res warp)
     seg: float = 1.0  # soft Dice: subject labels vs warped template label map
     smooth: float = 1.0  # gradient L2 of the half-resolution displacement (voxelmorph's 0.01 x the image weight)
-    centrality: float = 1.0  # kernel-weighted mean displacement toward zero
+    # kernel-weighted mean of the registration network's displacements pulled toward zero (v1 used 1). Off by
+    # default: with the deformable template (v2) the template itself is refitted to the centre of its
+    # sub-population, and this term would hide the mean displacement that refit reads (docs/conditioning.md)
+    centrality: float = 0.0
     magnitude: float = 0.001  # plain mean squared displacement
