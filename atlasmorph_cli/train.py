@@ -142,6 +142,12 @@ def quarter_velocity(vel_half: torch.Tensor) -> torch.Tensor:
     return F.avg_pool3d(vel_half, 2) / 2.0
 
 
+def shape_target(model: AtlasMorph, attrs: torch.Tensor, reg_vel: torch.Tensor) -> torch.Tensor:
+    """A subject's deformation target w(a) + v (quarter resolution, detached): its template's velocity plus
+    the registration network's velocity from that template to the subject (its shape relative to the base)."""
+    return (model.template_net.velocity_quarter(attrs) + quarter_velocity(reg_vel)).detach()
+
+
 @torch.no_grad()
 def fill_shape_memory(model: AtlasMorph, t1: torch.Tensor, attrs: torch.Tensor, memory: dict, idx: torch.Tensor,
                       batch: int = 4) -> None:
@@ -155,7 +161,7 @@ def fill_shape_memory(model: AtlasMorph, t1: torch.Tensor, attrs: torch.Tensor, 
         a = attrs[sel].to(dev)
         tmpl = model.template_net.forward_train(a)
         reg = model.register(t1[sel, None].to(dev), tmpl["t1"])
-        memory["shape"][sel.to(dev)] = model.template_net.velocity_quarter(a) + quarter_velocity(reg["vel"])
+        memory["shape"][sel.to(dev)] = shape_target(model, a, reg["vel"])
         memory["shape_filled"][sel.to(dev)] = True
     model.train(was)
 
@@ -191,11 +197,10 @@ class TrainingStep(torch.nn.Module):
         t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
         reg = self.model.register(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
-        shape_target = None
+        target = None
         if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w is refitted toward w + v
-            v_q = quarter_velocity(reg["vel"]).detach()
-            shape_target = self.model.template_net.velocity_quarter(attrs).detach() + v_q
-            terms["off_centre"] = (v_q**2).sum(1).mean()  # monitored: what the next refit moves
+            target = shape_target(self.model, attrs, reg["vel"])
+            terms["off_centre"] = (quarter_velocity(reg["vel"].detach()) ** 2).sum(1).mean()  # what the next refit moves
         if self.w.image_inverse:
             terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
         if has_labels.any():
@@ -211,7 +216,7 @@ class TrainingStep(torch.nn.Module):
         weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
                    "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
         total = sum(weights[k] * v for k, v in terms.items() if k in weights)
-        return total, terms, low.detach(), shape_target
+        return total, terms, low.detach(), target
 
 
 def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
@@ -409,7 +414,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             x = tr_t1[pick, None]
             x_seen = augment(x, gen) if s.augment else x
             x, x_seen = x.to(device), x_seen.to(device)
-            total, terms, low, shape_target = runner(
+            total, terms, low, target = runner(
                 x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device), tr_attr[pick].to(device),
                 pick.to(device), memory["fields"], memory["attrs"], memory["filled"])
             optimizer.zero_grad(set_to_none=True)
@@ -417,8 +422,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             optimizer.step()
             memory["fields"][pick] = low
             memory["filled"][pick] = True
-            if shape_target is not None:
-                memory["shape"][pick.to(device)] = shape_target
+            if target is not None:
+                memory["shape"][pick.to(device)] = target
                 memory["shape_filled"][pick.to(device)] = True
                 if (step + 1) % s.shape_every == 0:
                     refit_template_shape(model, memory)

@@ -109,14 +109,6 @@ class TemplateNet(nn.Module):
         coef = torch.linalg.solve(gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device), cross)
         self.shape_coef.copy_(coef.view_as(self.shape_coef).to(self.shape_coef.dtype))
 
-    def residual_half(self, attrs: torch.Tensor) -> torch.Tensor:
-        """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2)."""
-        return self.branches(attrs)[0]
-
-    def residual(self, attrs: torch.Tensor) -> torch.Tensor:
-        """Attribute-dependent residual (B, 1 + n_classes, X, Y, Z)."""
-        return upsample2(self.residual_half(attrs))
-
     def forward_train(self, attrs: torch.Tensor) -> dict[str, torch.Tensor | None]:
         """Training outputs: `t1` full-resolution T1 (B,1,X,Y,Z), `logits` HALF-resolution label logits
         (B,C,X/2,Y/2,Z/2) and `vel`, the template velocity (B,3,X/2,Y/2,Z/2), None without `deform`.
