@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import AtlasMorphError
-from .io import atomic_path, save_volume
+from .io.volumes import atomic_path, save_volume
 
 LPS = np.diag([-1.0, -1.0, 1.0])
 WARP_FORMATS = ("fs", "itk")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlasmorph_cli.datadir import ENV_VAR, find_data_dir
+from atlasmorph_cli.io.datadir import ENV_VAR, find_data_dir
 
 # The package may be installed (not editable), so it cannot see ../shared beside the checkout; the
 # tests can. Exporting the location lets the CLI subprocesses under test find it too.
@@ -51,10 +51,10 @@ def mni_model(tmp_path_factory, data_dir, ixi_rows) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from atlasmorph_cli.attributes import AttributeEncoder
-    from atlasmorph_cli.model import AtlasMorph, ModelConfig, save_model
-    from atlasmorph_cli.reference import mni_reference
-    from atlasmorph_cli.space import MODEL_GRID
+    from atlasmorph_cli.model.attributes import AttributeEncoder
+    from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig, save_model
+    from atlasmorph_cli.training.reference import mni_reference
+    from atlasmorph_cli.geometry.space import MODEL_GRID
 
     enc = AttributeEncoder.fit(["age", "sex"], ixi_rows)
     model = AtlasMorph(ModelConfig(name="test-mni", grid=MODEL_GRID.to_dict(), attributes=enc.to_dict()))

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from atlasmorph_cli.io import save_volume
-from atlasmorph_cli.space import Grid
+from atlasmorph_cli.io.volumes import save_volume
+from atlasmorph_cli.geometry.space import Grid
 
 SMALL_GRID = Grid((32, 32, 32), np.array([[4.0, 0, 0, -62], [0, 4.0, 0, -62], [0, 0, 4.0, -62], [0, 0, 0, 1]]))
 
@@ -48,8 +48,8 @@ def write_cohort(folder: Path, n: int = 8, seed: int = 0) -> Path:
 
 def small_reference() -> np.ndarray:
     """The middle-aged phantom's brain, normalised, on SMALL_GRID (the affine target in tests)."""
-    from atlasmorph_cli.intensity import normalize
-    from atlasmorph_cli.space import resample
+    from atlasmorph_cli.geometry.intensity import normalize
+    from atlasmorph_cli.geometry.space import resample
 
     t1, seg, aff = phantom(50.0)
     ref = resample(t1, aff, SMALL_GRID)
@@ -65,10 +65,10 @@ def small_model(path: Path, seed: int = 0) -> Path:
     import torch
     import torch.nn.functional as F
 
-    from atlasmorph_cli.attributes import AttributeEncoder
+    from atlasmorph_cli.model.attributes import AttributeEncoder
     from atlasmorph_cli.labels import to_index
-    from atlasmorph_cli.model import AtlasMorph, ModelConfig, save_model
-    from atlasmorph_cli.space import resample_labels
+    from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig, save_model
+    from atlasmorph_cli.geometry.space import resample_labels
 
     torch.manual_seed(seed)
     rows = [{"age": str(a), "sex": s} for a, s in ((20, "F"), (50, "M"), (80, "F"), (35, "M"))]

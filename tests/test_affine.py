@@ -1,4 +1,4 @@
-"""Affine registration (atlasmorph_cli.affine), intensity normalisation and the data-folder lookup.
+"""Affine registration (atlasmorph_cli.geometry.affine), intensity normalisation and the data-folder lookup.
 
 Synthetic tests (a brain-like ellipsoid phantom with internal structure) always run; tests on the
 MNI152 reference and a real IXI subject skip, with the reason, when the data folder is absent.
@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from atlasmorph_cli import datadir
-from atlasmorph_cli.affine import fit_affine
+from atlasmorph_cli.io import datadir
+from atlasmorph_cli.geometry.affine import fit_affine
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.intensity import normalize
-from atlasmorph_cli.space import MODEL_GRID, Grid, resample
+from atlasmorph_cli.geometry.intensity import normalize
+from atlasmorph_cli.geometry.space import MODEL_GRID, Grid, resample
 
 # ---------------------------------------------------------------------------------------------
 # helpers
@@ -152,7 +152,7 @@ needs_data = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def reference():
-    from atlasmorph_cli.reference import mni_reference
+    from atlasmorph_cli.training.reference import mni_reference
 
     return mni_reference(DATA)
 
@@ -183,9 +183,10 @@ def test_reference_to_itself_is_identity(reference):
 def test_ixi_subject_to_mni(reference):
     """A real scan in native scanner space: good overlap with the MNI labels, and the same answer
     when the scan's world frame is turned by 90 degrees (the result then turns with it)."""
-    from atlasmorph_cli import labels, metrics
-    from atlasmorph_cli.io import load_volume
-    from atlasmorph_cli.space import resample_labels
+    from atlasmorph_cli import labels
+    from atlasmorph_cli.training import metrics
+    from atlasmorph_cli.io.volumes import load_volume
+    from atlasmorph_cli.geometry.space import resample_labels
 
     brain_ref, index_ref = reference
     with open(DATA / "ixi" / "subjects.csv", newline="") as fh:
@@ -258,14 +259,14 @@ def test_find_data_dir_env(monkeypatch, tmp_path):
 
 def test_find_data_dir_default(monkeypatch):
     monkeypatch.delenv("ATLASMORPH_DATA", raising=False)
-    sibling = Path(datadir.__file__).resolve().parent.parent.parent / "shared" / "data"
+    sibling = Path(datadir.__file__).resolve().parents[3] / "shared" / "data"
     expected = sibling if sibling.is_dir() else None
     assert datadir.find_data_dir() == expected
 
 
 def test_find_data_dir_none_without_sibling(monkeypatch, tmp_path):
     monkeypatch.delenv("ATLASMORPH_DATA", raising=False)
-    fake_pkg = tmp_path / "repo" / "atlasmorph_cli"
+    fake_pkg = tmp_path / "repo" / "atlasmorph_cli" / "io"
     fake_pkg.mkdir(parents=True)
     monkeypatch.setattr(datadir, "__file__", str(fake_pkg / "datadir.py"))
     assert datadir.find_data_dir() is None

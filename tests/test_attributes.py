@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlasmorph_cli.attributes import AttributeEncoder
+from atlasmorph_cli.model.attributes import AttributeEncoder
 from atlasmorph_cli.errors import AtlasMorphError
 
 ROWS = [{"age": "20", "sex": "F"}, {"age": "60", "sex": "M"}, {"age": "40", "sex": "female"}]

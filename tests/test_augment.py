@@ -1,7 +1,7 @@
 """Training augmentation: known answers on small synthetic volumes."""
 import torch
 
-from atlasmorph_cli.augment import AugmentSettings, augment, bias_field, renormalize, thick_slices
+from atlasmorph_cli.training.augment import AugmentSettings, augment, bias_field, renormalize, thick_slices
 
 
 def _brain(shape=(16, 20, 16)) -> torch.Tensor:

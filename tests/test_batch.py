@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from atlasmorph_cli.batch import bids_label, parse_outputs, read_batch_input
+from atlasmorph_cli.cli.batch import bids_label, parse_outputs, read_batch_input
 from atlasmorph_cli.cli import app
 from atlasmorph_cli.errors import AtlasMorphError
 from atlasmorph_cli.labels import FS_IDS
-from atlasmorph_cli.space import MODEL_GRID
+from atlasmorph_cli.geometry.space import MODEL_GRID
 
 runner = CliRunner()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from atlasmorph_cli.nn.layers import jacobian_determinant
+from atlasmorph_cli.model.layers import jacobian_determinant
 
 _PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "segmentation_benchmark.py"
 

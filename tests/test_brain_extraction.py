@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from atlasmorph_cli.brain_extraction import extract_brain, resolve_brain
+from atlasmorph_cli.inference.brain_extraction import extract_brain, resolve_brain
 from atlasmorph_cli.cli import app
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.io import Volume, load_volume
+from atlasmorph_cli.io.volumes import Volume, load_volume
 from atlasmorph_cli.labels import to_index
-from atlasmorph_cli.metrics import mean_dice
+from atlasmorph_cli.training.metrics import mean_dice
 
 from synthetic import phantom
 
@@ -130,7 +130,7 @@ def test_no_network_access_is_needed():
 
 
 def test_nipype_interfaces_pass_the_brain_options(tmp_path, monkeypatch):
-    from atlasmorph_cli.interfaces import Register, Segment
+    from atlasmorph_cli.interfaces.nodes import Register, Segment
 
     monkeypatch.chdir(tmp_path)
     t1 = tmp_path / "s01_T1w.nii.gz"

@@ -4,10 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from atlasmorph_cli.cohort import load_prepared, prepare_cohort, read_cohort
+from atlasmorph_cli.training.cohort import load_prepared, prepare_cohort, read_cohort
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.metrics import mean_dice
-from atlasmorph_cli.space import MODEL_GRID
+from atlasmorph_cli.training.metrics import mean_dice
+from atlasmorph_cli.geometry.space import MODEL_GRID
 
 
 def test_missing_column_and_missing_file_are_named(tmp_path):
@@ -29,7 +29,7 @@ def test_paths_are_relative_to_the_csv(tmp_path):
 
 
 def test_prepare_real_subjects(tmp_path, data_dir, ixi_rows):
-    from atlasmorph_cli.reference import mni_reference
+    from atlasmorph_cli.training.reference import mni_reference
 
     ref, mni_labels = mni_reference(data_dir)
     csv_path = tmp_path / "cohort.csv"

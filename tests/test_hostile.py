@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.runs import cache_name
-from atlasmorph_cli.train import LossWeights, TrainSettings, train
+from atlasmorph_cli.training.runs import cache_name
+from atlasmorph_cli.training.loop import LossWeights, TrainSettings, train
 from synthetic import SMALL_GRID, small_reference, write_cohort
 
 
@@ -138,9 +138,9 @@ import time  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 
-from atlasmorph_cli import io as io_mod  # noqa: E402
-from atlasmorph_cli import model as model_mod  # noqa: E402
-from atlasmorph_cli.io import save_volume  # noqa: E402
+from atlasmorph_cli.io import volumes as io_mod  # noqa: E402
+from atlasmorph_cli.model import model_file as model_mod  # noqa: E402
+from atlasmorph_cli.io.volumes import save_volume  # noqa: E402
 from synthetic import phantom  # noqa: E402
 from test_reliability import AGE, MODEL, case_folder, make_inputs, run_inprocess  # noqa: E402
 
@@ -246,7 +246,7 @@ def test_item6_template_keeps_one_age_in_memory(tmp_path, inputs, monkeypatch):
     template is written and freed before the next is computed."""
     import weakref
 
-    from atlasmorph_cli import commands
+    from atlasmorph_cli.cli import run as commands
 
     cwd = case_folder(tmp_path, inputs)
     alive: list = []
@@ -273,7 +273,7 @@ def test_item6_template_keeps_one_age_in_memory(tmp_path, inputs, monkeypatch):
 
 def test_item6_segment_probs_are_streamed(tmp_path, inputs, monkeypatch):
     """segment --probs never builds the (X, Y, Z, 35) array; the file holds the same values as before."""
-    from atlasmorph_cli import pipeline
+    from atlasmorph_cli.inference import registration as pipeline
 
     cwd = case_folder(tmp_path, inputs)
     code, stderr = run_inprocess(["segment", "in/brain.nii.gz", *AGE, *MODEL, "--refine", "2", "-o", "out/s.nii.gz",
@@ -292,8 +292,8 @@ def test_item6_segment_probs_are_streamed(tmp_path, inputs, monkeypatch):
                                   "--probs", "out/p2.nii.gz"], cwd)
     assert code == 0 and not reference, stderr
     monkeypatch.undo()
-    from atlasmorph_cli.io import load_volume
-    from atlasmorph_cli.pipeline import encode_attributes, load, register
+    from atlasmorph_cli.io.volumes import load_volume
+    from atlasmorph_cli.inference.registration import encode_attributes, load, register
 
     _, m = load(inputs / "model.safetensors")
     reg = register(m, load_volume(inputs / "brain.nii.gz"), encode_attributes(m, {"age": 50, "sex": "F"})[0],
@@ -302,7 +302,7 @@ def test_item6_segment_probs_are_streamed(tmp_path, inputs, monkeypatch):
 
 
 def test_save_frames_writes_the_bytes_nibabel_writes(tmp_path):
-    from atlasmorph_cli.stream import save_frames
+    from atlasmorph_cli.io.stream import save_frames
 
     a = np.random.default_rng(0).random((5, 6, 7, 4)).astype(np.float32)
     aff = np.diag([2.0, 3.0, 4.0, 1.0])
@@ -316,8 +316,8 @@ def test_save_frames_writes_the_bytes_nibabel_writes(tmp_path):
 SLOW_SCRIPT = """
 import sys, time
 sys.path.insert(0, {tests!r})
-import atlasmorph_cli.pipeline as P
-import atlasmorph_cli.stream as S
+import atlasmorph_cli.inference.registration as P
+import atlasmorph_cli.io.stream as S
 _register, _frames = P.register, S.save_frames
 def slow_register(*a, **k):
     time.sleep({delay})
@@ -412,7 +412,7 @@ def test_item8_attribute_conflicts_and_unknown_names(tmp_path, inputs):
 
 # ----------------------------------------------------------------------------------------- item 9
 def test_item9_non_latin_file_names_in_a_batch(tmp_path, inputs):
-    from atlasmorph_cli.batch import bids_label
+    from atlasmorph_cli.cli.batch import bids_label
 
     assert bids_label("患者") == "患者" and bids_label("Müller") == "Müller" and bids_label("IXI012-HH-1211") == "IXI012HH1211"
     cwd = case_folder(tmp_path, inputs)

@@ -11,9 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from atlasmorph_cli.interfaces import Register, Segment, Template
+from atlasmorph_cli.interfaces.nodes import Register, Segment, Template
 from atlasmorph_cli.labels import FS_IDS
-from atlasmorph_cli.space import MODEL_GRID
+from atlasmorph_cli.geometry.space import MODEL_GRID
 
 
 @pytest.fixture()
@@ -84,7 +84,7 @@ def test_segment_cmdline_threads_and_scheduling(t1, tmp_path, monkeypatch):
 
 def test_workflow_runs_with_multiproc(tmp_path, monkeypatch, mni_model, data_dir, ixi_rows):
     """Two real whole-head subjects (DLMUSE seg as mask), register + segment in parallel, one cohort CSV."""
-    from atlasmorph_cli.workflows import build_workflow
+    from atlasmorph_cli.interfaces.workflows import build_workflow
 
     monkeypatch.setenv("PATH", str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", ""))
     if shutil.which("atlasmorph") is None:

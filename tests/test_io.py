@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.io import atomic_path, check_affine, load_volume, save_volume
+from atlasmorph_cli.io.volumes import atomic_path, check_affine, load_volume, save_volume
 from conftest import psr_affine
 
 

@@ -6,7 +6,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from atlasmorph_cli.nn.layers import (
+from atlasmorph_cli.model.layers import (
     compose,
     identity_grid,
     integrate_velocity,

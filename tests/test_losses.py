@@ -6,8 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from atlasmorph_cli.nn.layers import warp
-from atlasmorph_cli.nn.losses import (
+from atlasmorph_cli.model.layers import warp
+from atlasmorph_cli.model.losses import (
     CentralityMemory,
     RunningMean,
     centrality_loss,

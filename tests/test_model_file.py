@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.model import load_model, save_model, sha256
+from atlasmorph_cli.model.model_file import load_model, save_model, sha256
 from synthetic import small_model
 
 
@@ -30,7 +30,7 @@ def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tm
     not make the pickle check refuse about 1 in 256 valid model files."""
     from safetensors.torch import save_file
 
-    from atlasmorph_cli.model import read_config
+    from atlasmorph_cli.model.model_file import read_config
 
     path = tmp_path / "m.safetensors"
     for pad in range(300):

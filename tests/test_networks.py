@@ -4,9 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from atlasmorph_cli.nn.layers import warp
-from atlasmorph_cli.nn.losses import CentralityMemory, gradient_l2, mse, soft_dice
-from atlasmorph_cli.nn.networks import RegNet, TemplateNet, velocity_to_displacements
+from atlasmorph_cli.model.layers import warp
+from atlasmorph_cli.model.losses import CentralityMemory, gradient_l2, mse, soft_dice
+from atlasmorph_cli.model.networks import RegNet, TemplateNet, velocity_to_displacements
 
 SHAPE = (32, 32, 32)
 

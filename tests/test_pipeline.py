@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from atlasmorph_cli.attributes import AttributeEncoder
+from atlasmorph_cli.model.attributes import AttributeEncoder
 from atlasmorph_cli.cli import app
 from atlasmorph_cli.labels import FS_IDS, to_index
-from atlasmorph_cli.metrics import mean_dice
-from atlasmorph_cli.model import AtlasMorph, ModelConfig, save_model
-from atlasmorph_cli.space import MODEL_GRID
+from atlasmorph_cli.training.metrics import mean_dice
+from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig, save_model
+from atlasmorph_cli.geometry.space import MODEL_GRID
 
 runner = CliRunner()
 
@@ -118,12 +118,12 @@ def test_outputs_only_when_asked(tmp_path, mni_model, subject):
 
 def test_refinement_lowers_the_image_loss_on_a_real_subject(mni_model, subject):
     """Instance optimisation moves the template toward the subject (the loss it minimises goes down)."""
-    from atlasmorph_cli.io import load_volume
-    from atlasmorph_cli.model import load_model
-    from atlasmorph_cli.nn.layers import warp
-    from atlasmorph_cli.nn.losses import mse
-    from atlasmorph_cli.pipeline import encode_attributes, register
-    from atlasmorph_cli.space import resample
+    from atlasmorph_cli.io.volumes import load_volume
+    from atlasmorph_cli.model.model_file import load_model
+    from atlasmorph_cli.model.layers import warp
+    from atlasmorph_cli.model.losses import mse
+    from atlasmorph_cli.inference.registration import encode_attributes, register
+    from atlasmorph_cli.geometry.space import resample
 
     path, _, row = subject
     model, vol = load_model(mni_model), load_volume(path)
@@ -140,7 +140,7 @@ def test_refinement_lowers_the_image_loss_on_a_real_subject(mni_model, subject):
 @pytest.mark.parametrize("extra,expect", [([], 10), (["--refine", "0"], 0), (["--refine", "3"], 3)])
 def test_refine_option_reaches_the_registration(tmp_path, mni_model, subject, monkeypatch, extra, expect):
     """`segment --refine N` hands N to the registration (10 when not given); nothing is written when it stops."""
-    from atlasmorph_cli import commands
+    from atlasmorph_cli.cli import run as commands
     from atlasmorph_cli.errors import AtlasMorphError
 
     seen = {}

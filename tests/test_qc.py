@@ -10,9 +10,9 @@ import numpy as np
 from typer.testing import CliRunner
 
 from atlasmorph_cli.cli import app
-from atlasmorph_cli.io import Volume
-from atlasmorph_cli.qc import _crop_box, _outline, qc_figure, qc_index
-from atlasmorph_cli.quality import Quality
+from atlasmorph_cli.io.volumes import Volume
+from atlasmorph_cli.inference.qc import _crop_box, _outline, qc_figure, qc_index
+from atlasmorph_cli.inference.quality import Quality
 
 from synthetic import phantom, small_model
 
@@ -55,7 +55,7 @@ def test_index_lists_flagged_subjects_first_and_escapes_names(tmp_path):
 def test_register_writes_the_qc_picture(tmp_path):
     model = small_model(tmp_path / "m.safetensors")
     t1, seg, aff = phantom(50.0)
-    from atlasmorph_cli.io import save_volume
+    from atlasmorph_cli.io.volumes import save_volume
 
     save_volume(t1, aff, tmp_path / "brain.nii.gz")
     r = CliRunner().invoke(app, ["register", str(tmp_path / "brain.nii.gz"), "--age", "50", "--sex", "F", "-m",
@@ -65,7 +65,7 @@ def test_register_writes_the_qc_picture(tmp_path):
 
 
 def test_nipype_interfaces_pass_qc_quality_and_strict(tmp_path, monkeypatch):
-    from atlasmorph_cli.interfaces import Register, Segment
+    from atlasmorph_cli.interfaces.nodes import Register, Segment
 
     monkeypatch.chdir(tmp_path)
     t1 = tmp_path / "s01_T1w.nii.gz"

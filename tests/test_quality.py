@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.io import Volume, load_volume
-from atlasmorph_cli.quality import SCORE_MIN, Quality, _local_ncc, affine_geometry
+from atlasmorph_cli.io.volumes import Volume, load_volume
+from atlasmorph_cli.inference.quality import SCORE_MIN, Quality, _local_ncc, affine_geometry
 
 from broken_inputs import BROKEN, PASSING
 
@@ -48,7 +48,7 @@ def test_quality_reporting_cells_and_json():
 # ------------------------------------------------------------------------------------------ real cases
 @pytest.fixture(scope="module")
 def shipped():
-    from atlasmorph_cli.pipeline import load
+    from atlasmorph_cli.inference.registration import load
 
     return load(None, 1)[1]
 
@@ -66,9 +66,9 @@ def validation_subject(data_dir):
 
 
 def _run(model, row, subj: Volume, mask: Volume | None, skullstripped: bool):
-    from atlasmorph_cli.brain_extraction import resolve_brain
-    from atlasmorph_cli.pipeline import encode_attributes, register
-    from atlasmorph_cli.quality import assess
+    from atlasmorph_cli.inference.brain_extraction import resolve_brain
+    from atlasmorph_cli.inference.registration import encode_attributes, register
+    from atlasmorph_cli.inference.quality import assess
 
     vec, _ = encode_attributes(model, {"age": row["age"], "sex": row["sex"]})
     brain = resolve_brain(subj, mask, skullstripped)
@@ -146,8 +146,8 @@ def test_flag_reaches_the_user_warning_json_csv_and_strict_exit_3(tmp_path, vali
 def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, validation_subject):
     """A batch of one good skull-stripped subject and an inverted one: per-subject JSON, volumes CSV columns,
     --strict ends with exit code 3 naming the flagged subject only."""
-    from atlasmorph_cli.batch import run_batch
-    from atlasmorph_cli.quality import QualityError
+    from atlasmorph_cli.cli.batch import run_batch
+    from atlasmorph_cli.inference.quality import QualityError
 
     t1, seg, row = validation_subject
     good = BROKEN["inverted_contrast"](t1.data, t1.affine, seg)
@@ -179,8 +179,8 @@ def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, valida
 
 # ------------------------------------------------------------------------------------------ refused outright
 def test_a_model_with_nan_weights_is_refused(tmp_path):
-    from atlasmorph_cli.model import load_model, save_model
-    from atlasmorph_cli.pipeline import load
+    from atlasmorph_cli.model.model_file import load_model, save_model
+    from atlasmorph_cli.inference.registration import load
     from synthetic import small_model
 
     p = small_model(tmp_path / "m.safetensors")

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import torch
 
-from atlasmorph_cli.nn.layers import integrate_velocity, resize_field, warp
-from atlasmorph_cli.nn.losses import mse
-from atlasmorph_cli.refine import refine_velocity
+from atlasmorph_cli.model.layers import integrate_velocity, resize_field, warp
+from atlasmorph_cli.model.losses import mse
+from atlasmorph_cli.inference.refine import refine_velocity
 
 
 def _slab(centre: float, shape=(16, 16, 16), sigma: float = 3.0) -> torch.Tensor:

@@ -31,12 +31,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from atlasmorph_cli import commands as commands_mod
-from atlasmorph_cli import model as model_mod
-from atlasmorph_cli import pipeline as pipeline_mod
+from atlasmorph_cli.cli import run as commands_mod
+from atlasmorph_cli.model import model_file as model_mod
+from atlasmorph_cli.inference import registration as pipeline_mod
 from atlasmorph_cli.cli import main
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.io import all_or_nothing, save_volume
+from atlasmorph_cli.io.volumes import all_or_nothing, save_volume
 from synthetic import SMALL_GRID, phantom, small_model, write_cohort
 
 TESTS = Path(__file__).resolve().parent
@@ -398,7 +398,7 @@ def test_failure_while_writing_leaves_no_output(tmp_path, inputs, monkeypatch, c
         argv = ["register", "in/brain.nii.gz", *AGE, *MODEL, "-o", "out/m.nii.gz", "-t", "out/w.nii.gz", "--labels",
                 "out/l.nii.gz", "--affine", "out/a.txt"]
     else:
-        from atlasmorph_cli import report
+        from atlasmorph_cli.inference import report
 
         _fail_late(monkeypatch, report, "template_montage")
         argv = ["template", "--age", "30:70:20", "--sex", "F", *MODEL, "-o", "out/t.nii.gz", "--labels",
@@ -429,8 +429,8 @@ def test_all_or_nothing_commits_together(tmp_path):
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     """A crash while writing a checkpoint leaves the previous one intact and no temporary file."""
-    from atlasmorph_cli import train as train_mod
-    from atlasmorph_cli.model import AtlasMorph, ModelConfig
+    from atlasmorph_cli.training import loop as train_mod
+    from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig
 
     model = AtlasMorph(ModelConfig(name="t", grid=SMALL_GRID.to_dict(), attributes=[], template_width=8))
     opt = torch.optim.Adam(model.parameters())
@@ -459,8 +459,8 @@ TRAIN_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from synthetic import SMALL_GRID, small_reference
-import atlasmorph_cli.commands as C
-import atlasmorph_cli.train as T
+import atlasmorph_cli.cli.run as C
+import atlasmorph_cli.training.loop as T
 
 _train = T.train
 def small_train(s, reference):

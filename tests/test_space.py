@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from atlasmorph_cli.space import MODEL_GRID, Grid, resample, resample_labels
+from atlasmorph_cli.geometry.space import MODEL_GRID, Grid, resample, resample_labels
 from conftest import psr_affine
 
 

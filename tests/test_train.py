@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.model import load_model
-from atlasmorph_cli.cohort import load_prepared
-from atlasmorph_cli.train import LossWeights, TrainSettings, label_frequencies, train
+from atlasmorph_cli.model.model_file import load_model
+from atlasmorph_cli.training.cohort import load_prepared
+from atlasmorph_cli.training.loop import LossWeights, TrainSettings, label_frequencies, train
 from synthetic import SMALL_GRID, small_reference, write_cohort
 
 
@@ -44,8 +44,8 @@ def _ventricle_volumes(model, deformation_only: bool = False) -> list[float]:
     """Template lateral-ventricle volume (sum of probabilities) at ages 20 and 80; `deformation_only`: the
     base template moved by the template's deformation, without the intensity/label residual."""
     from atlasmorph_cli.labels import STRUCTURES
-    from atlasmorph_cli.nn.layers import integrate_velocity, resize_field, warp
-    from atlasmorph_cli.pipeline import encode_attributes
+    from atlasmorph_cli.model.layers import integrate_velocity, resize_field, warp
+    from atlasmorph_cli.inference.registration import encode_attributes
 
     k = 1 + [s.fs_id for s in STRUCTURES].index(4)
     vols = []
@@ -68,7 +68,7 @@ def test_deformable_template_carries_the_age_effect_as_shape(cohort, tmp_path):
     is the regression of the stored subject warps, and the segmentation loss falls."""
     import csv
 
-    from atlasmorph_cli.train import refit_template_shape
+    from atlasmorph_cli.training.loop import refit_template_shape
 
     out = tmp_path / "v2"
     train(settings(cohort, out, steps=60, val_every=1000, shape_every=10,
@@ -142,7 +142,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from synthetic import SMALL_GRID, small_reference
-from atlasmorph_cli.train import TrainSettings, train
+from atlasmorph_cli.training.loop import TrainSettings, train
 train(TrainSettings(data=Path({csv!r}), out=Path({out!r}), steps=4, val_fraction=0.25, val_every=2,
                     checkpoint_every=2, workers=1, quiet=True, grid=SMALL_GRID, threads=1,
                     cache=Path({cache!r}), template_width=8), small_reference())

@@ -1,0 +1,391 @@
+"""The `atlasmorph` command: train | template | register | segment (parsing, messages, exit codes).
+
+Every command is a thin shell over functions in pipeline/train; an AtlasMorphError becomes one line
+on stderr and exit code 1 (`--debug` shows the traceback instead).
+"""
+from __future__ import annotations
+
+import os
+
+# Idle OpenMP workers that spin make torch several times slower when another process shares the
+# cores (measured on 2 cores); sleeping workers cost nothing. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sys
+import traceback
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from .. import __version__
+from .run import attribute_values
+from ..errors import AtlasMorphError
+from ..model.loss_weights import LossWeights
+from ..inference.registration import REFINE_STEPS
+
+err = Console(stderr=True)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    help="AtlasMorph: conditional deformable brain templates (T1 + 34-structure label map) for any "
+    "age and sex, registration of a subject to its template, and atlas-based segmentation.",
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
+RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
+                         "for this subject (about 0.1 s each; 0: the network's warp as is).")
+AgeOpt = typer.Option(None, "--age", help="Age in years.")
+SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
+AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
+ImageArg = typer.Argument(..., help="T1 image, any orientation: whole-head (more than 2.5 L of non-zero voxels: "
+                          "the brain is extracted first, with deepbet), skull-stripped (at most 2.5 L, or "
+                          "--skullstripped: its non-zero voxels are the brain), or any T1 with --mask; or a batch: a "
+                          "folder of images, a .txt list or a cohort .csv. See docs/brain-extraction.md.")
+MaskOpt = typer.Option(None, "--mask", help="Brain mask on the image's grid (> 0 is brain; a probabilistic mask "
+                       "with values in [0, 1] is read as >= 0.5). No extraction is run.")
+SkullstrippedOpt = typer.Option(False, "--skullstripped", help="The image is already brain-extracted: its non-zero "
+                                "voxels are the brain (default: decided from the image; a whole-head scan is "
+                                "brain-extracted first).")
+BrainMaskOpt = typer.Option(None, "--brain-mask", help="Write the brain mask used (uint8, the input's grid).")
+BrainOpt = typer.Option(None, "--brain", help="Write the skull-stripped image (the input's grid).")
+QualityOpt = typer.Option(None, "--quality", help="Write the subject's quality check as JSON (score, local NCC, "
+                          "brain-mask Dice, affine scale and rotation, flagged, reasons; batch mode writes "
+                          "sub-<label>_desc-atlasmorph_qc.json for every subject). See docs/quality.md.")
+QcOpt = typer.Option(None, "--qc", help="Write a QC picture (.png): the T1 in three planes with the structure "
+                     "outlines and the brain-mask contour, the quality score and attributes in the title (batch "
+                     "mode: --outputs ...,qc, one per subject + qc_index.html).")
+StrictOpt = typer.Option(False, "--strict", help="Exit with code 3 when a subject fails the quality check (its "
+                         "outputs are still written); without it, a one-line warning.")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from ..inference.registration import shipped_models
+
+        models = ", ".join(p.stem for p in shipped_models()) or "none"
+        typer.echo(f"atlasmorph {__version__} (shipped model: {models})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the full traceback on errors."),
+) -> None:
+    """AtlasMorph command line."""
+
+
+OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a folder, .txt list or cohort .csv): "
+                         "output folder; files get BIDS-derivatives names (see docs/scaling.md).")
+
+
+SkipExistingOpt = typer.Option(False, "--skip-existing", help="Batch mode: skip subjects whose outputs all exist "
+                               "(e.g. rerunning an interrupted batch; segment keeps their rows of the volumes table).")
+
+
+def _batch(image: Path, out_dir: Path | None, outputs: str | None, skip_existing: bool = False) -> bool:
+    """Whether IMAGE is a batch (folder, .txt, .csv); batch-only options with a single image are an error."""
+    from .batch import is_batch_input
+
+    if is_batch_input(image):
+        return True
+    if out_dir is not None or outputs is not None or skip_existing:
+        raise AtlasMorphError("--out-dir, --outputs and --skip-existing are for a batch input (a folder, a .txt list "
+                              "or a cohort .csv)")
+    return False
+
+
+def _warn(messages: list[str]) -> None:
+    for m in messages:
+        err.print(Text.assemble(("warning: ", "yellow"), m), soft_wrap=True)
+
+
+# ----------------------------------------------------------------------------------------- train
+@app.command()
+def train(
+    data: Path = typer.Option(..., "--data", help="Cohort CSV: t1, optional seg/mask, attribute columns."),
+    out: Path = typer.Option(..., "--out", help="Output folder: checkpoint, model.safetensors, history, split."),
+    attributes: str = typer.Option("age,sex", help="Comma-separated attribute columns, or 'none' (unconditional)."),
+    steps: int = typer.Option(1500, min=1, help="Training steps."),
+    batch_size: int = typer.Option(1, min=1, help="Subjects per step."),
+    lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
+    image_loss: str = typer.Option("mse", help="Image similarity: mse or ncc."),
+    w_image: float = typer.Option(LossWeights.image, help="Weight: subject vs warped template (MSE: 1/sigma^2 with sigma 0.1; use ~1 with ncc)."),
+    w_image_inverse: float = typer.Option(LossWeights.image_inverse, help="Weight: template vs subject warped to template."),
+    w_seg: float = typer.Option(LossWeights.seg, help="Weight: soft Dice of warped template labels."),
+    w_smooth: float = typer.Option(LossWeights.smooth, help="Weight: gradient L2 of the displacement."),
+    w_centrality: float = typer.Option(
+        LossWeights.centrality, help="Weight: kernel-weighted mean of the registration network's displacements "
+                                     "toward zero (v1 used 1; off with the deformable template, which is refitted "
+                                     "to the centre itself)."),
+    w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
+    shape_every: int = typer.Option(
+        25, min=1, help="Steps between closed-form refits of the deformable template: the regression of the "
+                        "subjects' stored warps on their attributes (each template moves to the centre of its "
+                        "sub-population)."),
+    template_deform: bool = typer.Option(
+        True, "--template-deform/--no-template-deform",
+        help="Template = base deformed by an attribute-dependent diffeomorphism + residual (v2; --init from a v1 "
+             "model adds the branch at the identity). --no-template-deform trains the v1 architecture."),
+    augment: bool = typer.Option(
+        True, "--augment/--no-augment",
+        help="Show the registration network subjects perturbed by smooth bias fields, gamma, noise and thick "
+             "slices (losses are scored on the clean subject), so it copes with other scanners."),
+    bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
+    val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
+    split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "
+                                         "(from an earlier run) instead of a new split; --val-fraction is ignored."),
+    val_every: int = typer.Option(100, min=1, help="Validate every N steps."),
+    checkpoint_every: int = typer.Option(50, min=1, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, help="Random seed (split, sampling)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.safetensors (same options; a lower --lr anneals, the same --lr continues exactly)."),
+    init: Optional[Path] = typer.Option(None, "--init", help="Start from this model (fine-tuning)."),
+    reference: Optional[Path] = typer.Option(None, help="Affine target: brain T1 in MNI space (default: MNI152 "
+                                             "from $ATLASMORPH_DATA, or the --init model's template)."),
+    cache: Optional[Path] = typer.Option(None, help="Cache of prepared subjects (default: OUT/cache)."),
+    name: str = typer.Option("atlasmorph-custom", help="Model name stored in the file."),
+    threads: Optional[int] = ThreadsOpt,
+    workers: int = typer.Option(2, min=1, help="Processes for cohort preparation."),
+    device: str = typer.Option("cpu", help="cpu or cuda (the first GPU, or the LOCAL_RANK one under torchrun)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Train a conditional template + registration model on a cohort."""
+    from ..training.loop import TrainSettings, train as run_train
+    from .run import training_reference
+
+    if device not in ("cpu", "cuda"):
+        raise AtlasMorphError(f"--device must be cpu or cuda, got '{device}'")
+    if not data.is_file():
+        raise AtlasMorphError(f"{data}: no such cohort file")
+    if split is not None and not split.is_file():
+        raise AtlasMorphError(f"--split {split}: no such file")
+    if image_loss not in ("mse", "ncc"):
+        raise AtlasMorphError(f"--image-loss must be mse or ncc, got '{image_loss}'")
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AtlasMorphError("--device cuda: no CUDA device is available")
+    names = [] if attributes.strip().lower() == "none" else [a.strip() for a in attributes.split(",") if a.strip()]
+    settings = TrainSettings(
+        data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
+        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude),
+        image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
+        checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
+        cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
+        template_deform=template_deform, augment=augment, shape_every=shape_every,
+    )
+    final = run_train(settings, training_reference(reference, init))
+    err.print(f"model written to {final}")
+
+
+# ----------------------------------------------------------------------------------------- template
+@app.command()
+def template(
+    output: Path = typer.Option(..., "-o", "--output", help="Template T1 (.nii.gz/.mgz); with an age range, "
+                                "one file per age named OUTPUT_age-<A>."),
+    age: Optional[str] = typer.Option(None, "--age", help="Age in years, or START:STOP:STEP for a trajectory "
+                                    "(stop included; at most 1000 ages)."),
+    sex: Optional[str] = SexOpt,
+    attr: Optional[list[str]] = AttrOpt,
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Hard label map (FreeSurfer ids)."),
+    probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities (background + 34)."),
+    png: Optional[Path] = typer.Option(None, "--png", help="Montage of slices (across ages for a trajectory; at "
+                                  "most 25 of them, evenly spaced)."),
+    model: Optional[Path] = ModelOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Write the template (T1, labels, probabilities) for given attributes, in MNI space."""
+    from .run import run_template
+
+    run_template(output, age, sex, attr, labels, probs, png, model, threads, _warn)
+
+
+# ----------------------------------------------------------------------------------------- register
+@app.command()
+def register(
+    image: Path = ImageArg,
+    age: Optional[float] = AgeOpt,
+    sex: Optional[str] = SexOpt,
+    attr: Optional[list[str]] = AttrOpt,
+    mask: Optional[Path] = MaskOpt,
+    skullstripped: bool = SkullstrippedOpt,
+    brain_mask: Optional[Path] = BrainMaskOpt,
+    brain: Optional[Path] = BrainOpt,
+    quality: Optional[Path] = QualityOpt,
+    qc: Optional[Path] = QcOpt,
+    strict: bool = StrictOpt,
+    moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
+    template_out: Optional[Path] = typer.Option(None, "-O", "--template-out", help="Template moved into subject space."),
+    trans: Optional[Path] = typer.Option(None, "-t", "--trans", help="Subject->template warp (on the template grid)."),
+    inverse: Optional[Path] = typer.Option(None, "-T", "--inverse", help="Template->subject warp (on the subject grid)."),
+    affine_out: Optional[Path] = typer.Option(None, "--affine", help="Affine part, ITK/ANTs text (.txt)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Template labels in subject space."),
+    jacobian: Optional[Path] = typer.Option(None, "--jacobian", help="log-Jacobian determinant (template grid)."),
+    warp_format: str = typer.Option("fs", "--warp-format", help="fs (RAS mm, intent 1006) or itk (LPS, 1007)."),
+    model: Optional[Path] = ModelOpt,
+    threads: Optional[int] = ThreadsOpt,
+    refine: int = RefineOpt,
+    out_dir: Optional[Path] = OutDirOpt,
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
+                                          "template, warp, inverse, affine, labels, jacobian, brainmask, brain, qc "
+                                          "(default moved,warp,labels)."),
+    skip_existing: bool = SkipExistingOpt,
+) -> None:
+    """Register a subject to its attribute-matched template; writes only the outputs asked for."""
+    from .run import run_register
+
+    if _batch(image, out_dir, outputs, skip_existing):
+        from .batch import check_single_only, run_batch
+
+        check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
+                           "--labels": labels, "--jacobian": jacobian, "--mask": mask, "--brain-mask": brain_mask,
+                           "--brain": brain, "--quality": quality, "--qc": qc})
+        run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
+                  model_path=model, threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
+                  skip_existing=skip_existing, strict=strict)
+        return
+    run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
+                 labels, jacobian, warp_format, model, threads, _warn, refine=refine, skullstripped=skullstripped,
+                 brain_mask_out=brain_mask, brain_out=brain, quality_out=quality, strict=strict, qc_out=qc)
+
+
+# ----------------------------------------------------------------------------------------- segment
+@app.command()
+def segment(
+    ctx: typer.Context,
+    image: Path = ImageArg,
+    output: Optional[Path] = typer.Option(None, "-o", "--output", help="Segmentation (34 structures, FreeSurfer "
+                                          "ids); required for a single image."),
+    age: Optional[float] = AgeOpt,
+    sex: Optional[str] = SexOpt,
+    attr: Optional[list[str]] = AttrOpt,
+    mask: Optional[Path] = MaskOpt,
+    skullstripped: bool = SkullstrippedOpt,
+    brain_mask: Optional[Path] = BrainMaskOpt,
+    brain: Optional[Path] = BrainOpt,
+    quality: Optional[Path] = QualityOpt,
+    qc: Optional[Path] = QcOpt,
+    strict: bool = StrictOpt,
+    probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
+    vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
+                                       "row per subject, default OUT_DIR/volumes.csv)."),
+    model: Optional[Path] = ModelOpt,
+    threads: Optional[int] = ThreadsOpt,
+    refine: int = RefineOpt,
+    out_dir: Optional[Path] = OutDirOpt,
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg, "
+                                          "brainmask, brain, qc (default dseg)."),
+    skip_existing: bool = SkipExistingOpt,
+) -> None:
+    """Segment a subject with the label map of its conditional template (subject's own grid)."""
+    from .run import run_segment
+
+    if _batch(image, out_dir, outputs, skip_existing):
+        from .batch import check_single_only, run_batch
+
+        check_single_only({"-o": output, "--probs": probs, "--mask": mask, "--brain-mask": brain_mask,
+                           "--brain": brain, "--quality": quality, "--qc": qc})
+        run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
+                  threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
+                  skip_existing=skip_existing, strict=strict)
+        return
+    if output is None:
+        ctx.fail("Missing option '-o' / '--output'.")
+    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine,
+                skullstripped=skullstripped, brain_mask_out=brain_mask, brain_out=brain, quality_out=quality,
+                strict=strict, qc_out=qc)
+
+
+def _one_line(text: str) -> str:
+    """Messages are one line on stderr, whatever the exception text holds."""
+    return " ".join(str(text).split())
+
+
+def _fail(prefix: str, message: str, code: int) -> None:
+    err.print(Text.assemble((prefix, "bold red"), _one_line(message)), soft_wrap=True)
+    sys.exit(code)
+
+
+def _click_errors() -> tuple[tuple, tuple, tuple, tuple]:
+    """(no-args-help, usage, other click, abort) exception classes: Typer >= 0.20 vendors Click as
+    typer._click, older Typer uses click itself; catch both."""
+    mods = []
+    for name in ("typer._click.exceptions", "click.exceptions"):
+        try:
+            mods.append(__import__(name, fromlist=["x"]))
+        except ImportError:
+            pass
+
+    def get(attr: str) -> tuple:
+        return tuple(getattr(m, attr) for m in mods if hasattr(m, attr))
+
+    return get("NoArgsIsHelpError"), get("UsageError"), get("ClickException"), get("Abort")
+
+
+def main() -> None:
+    """Console entry point: run the app, turning errors into one line on stderr and a non-zero exit.
+
+    Exit codes: 0 success, 1 bad input or failure, 2 bad command line (unknown option, bad option
+    value, missing argument), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM; 129 for SIGHUP).
+    `--debug` prints the traceback before the line. SIGTERM is handled like Ctrl-C (safety.py), so
+    temporary files are removed and a batch keeps what it finished.
+    """
+    from .safety import terminate_as_interrupt
+
+    with terminate_as_interrupt():
+        _main()
+
+
+def _main() -> None:
+    no_args, usage, click_error, abort = _click_errors()
+    debug = "--debug" in sys.argv
+    try:
+        code = app(standalone_mode=False)
+    except no_args as exc:  # `atlasmorph` alone: the help, as Click shows it
+        exc.show()
+        sys.exit(exc.exit_code)
+    except usage as exc:
+        if debug:
+            traceback.print_exc()
+        ctx = getattr(exc, "ctx", None)
+        cmd = ctx.command_path.split()[-1] if ctx is not None and ctx.parent is not None else ""
+        where = f"{cmd}: " if cmd else ""
+        _fail("atlasmorph: error: ", f"{where}{exc.format_message()} (see atlasmorph {cmd + ' ' if cmd else ''}--help)",
+              exc.exit_code)
+    except click_error as exc:
+        if debug:
+            traceback.print_exc()
+        _fail("atlasmorph: error: ", exc.format_message(), exc.exit_code)
+    except AtlasMorphError as exc:
+        if debug:
+            traceback.print_exc()
+        _fail("atlasmorph: error: ", str(exc), getattr(exc, "exit_code", 1))  # 3: failed quality check (--strict)
+    except OSError as exc:  # disk full, permission denied, file vanished: the environment, not a bug
+        if debug:
+            traceback.print_exc()
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        _fail("atlasmorph: error: ", f"{where}{exc.strerror or exc}", 1)
+    except (KeyboardInterrupt, *abort):
+        from .safety import interruption_message
+
+        message, exit_code = interruption_message()
+        err.print(message, highlight=False)
+        sys.exit(exit_code)
+    except Exception as exc:  # anything unexpected: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        _fail("atlasmorph: internal error: ", f"{type(exc).__name__}: {exc} (rerun with --debug for the traceback)", 1)
+    if code == 130:  # Typer turns Ctrl-C (and SIGTERM, safety.py) into Exit(130)
+        from .safety import interruption_message
+
+        message, code = interruption_message()
+        err.print(message, highlight=False)
+    if isinstance(code, int) and code != 0:  # typer.Exit(code) from a command
+        sys.exit(code)

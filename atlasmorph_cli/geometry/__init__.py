@@ -1,0 +1,1 @@
+"""Geometry: the model grid and resampling, affine registration, intensity normalisation, transforms."""

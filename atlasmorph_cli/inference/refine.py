@@ -1,0 +1,53 @@
+"""Instance optimisation: a few gradient steps on one subject's velocity field, started from the RegNet's.
+
+The network predicts a velocity in one pass; refining that velocity for the subject at hand against the
+same image and smoothness terms the network was trained with sharpens the alignment the network left
+coarse, at the cost of a few seconds (no labels are needed at test time).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..model.layers import integrate_velocity, resize_field, warp
+from ..model.losses import gradient_l2, local_ncc, mse
+
+# the default of `register`/`segment`: chosen on 14 training subjects of the shipped model
+# (benchmarks/refine_sweep.py, docs/benchmarks.md), +0.019 mean Dice there for about 1 s
+REFINE_STEPS = 10
+REFINE_LR = 0.03
+
+
+def refine_velocity(
+    vel_half: torch.Tensor,
+    subject: torch.Tensor,
+    template_t1: torch.Tensor,
+    steps: int,
+    *,
+    lr: float = REFINE_LR,
+    w_image: float = 100.0,
+    w_smooth: float = 1.0,
+    image_loss: str = "mse",
+    int_steps: int = 7,
+) -> torch.Tensor:
+    """Velocity (B,3,X/2,Y/2,Z/2) after `steps` Adam steps on w_image * image(subject, warped template)
+    + w_smooth * gradient L2 of the half-resolution displacement (the training objective without labels).
+
+    subject and template_t1 are (B,1,X,Y,Z) on the model grid; the input velocity is left untouched.
+    """
+    if steps < 0:
+        raise ValueError("steps must be >= 0")
+    vel = vel_half.detach().clone().requires_grad_(True)
+    if steps == 0:
+        return vel.detach()
+    image = {"mse": mse, "ncc": local_ncc}[image_loss]
+    subject, template_t1 = subject.detach(), template_t1.detach()
+    opt = torch.optim.Adam([vel], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            half = integrate_velocity(vel, int_steps)
+            moved = warp(template_t1, resize_field(half, 2.0))
+            loss = w_image * image(subject, moved) + w_smooth * gradient_l2(half)
+            loss.backward()
+            opt.step()
+    return vel.detach()

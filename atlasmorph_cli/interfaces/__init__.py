@@ -1,0 +1,1 @@
+"""nipype interfaces (one node per atlasmorph command) and a ready cohort workflow."""

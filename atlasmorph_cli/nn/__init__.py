@@ -1,1 +1,0 @@
-"""Neural-network building blocks: spatial layers, losses and the template / registration networks."""

@@ -1,0 +1,1 @@
+"""Training: cohort preparation, augmentation, split, checkpoints and run folder, the loop and DDP."""

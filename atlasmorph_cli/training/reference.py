@@ -1,0 +1,35 @@
+"""The MNI152 reference brain and its labels on the model grid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .. import labels
+from ..errors import AtlasMorphError
+from ..geometry.intensity import normalize
+from ..io.volumes import load_volume
+from ..geometry.space import MODEL_GRID, resample, resample_labels
+
+MNI_T1 = Path("mni152") / "MNI152_T1_2mm.nii.gz"
+MNI_LABELS = Path("mni152") / "MNI152_1mm_DLMUSE.nii.gz"
+
+
+def mni_reference(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(brain, labels) on MODEL_GRID: the normalised MNI152 T1 inside its DLMUSE > 0 mask (float32),
+    and the DLMUSE labels as class indices 0..34 (uint8, partial-volume resampling).
+
+    Both files are resampled by their affines (MNI world coordinates), never by voxel index.
+    """
+    data_dir = Path(data_dir)
+    t1_path, lab_path = data_dir / MNI_T1, data_dir / MNI_LABELS
+    for p in (t1_path, lab_path):
+        if not p.exists():
+            raise AtlasMorphError(f"{p}: MNI152 reference file not found")
+    t1 = load_volume(t1_path)
+    lab = load_volume(lab_path)
+    t1_grid = resample(t1.data, t1.affine, MODEL_GRID, order=1)
+    mask = resample((lab.data > 0).astype(np.float32), lab.affine, MODEL_GRID, order=1) >= 0.5
+    brain = normalize(t1_grid, mask)
+    index = resample_labels(labels.to_index(lab.data, "muse"), lab.affine, MODEL_GRID)
+    return brain, index.astype(np.uint8)
