@@ -293,10 +293,12 @@ def test_item6_segment_probs_are_streamed(tmp_path, inputs, monkeypatch):
     assert code == 0 and not reference, stderr
     monkeypatch.undo()
     from atlasmorph_cli.io.volumes import load_volume
-    from atlasmorph_cli.inference.registration import encode_attributes, load, register
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes
+    from atlasmorph_cli.model.shipped import load
 
     _, m = load(inputs / "model.safetensors")
-    reg = register(m, load_volume(inputs / "brain.nii.gz"), encode_attributes(m, {"age": 50, "sex": "F"})[0],
+    reg = register_subject(m, load_volume(inputs / "brain.nii.gz"), encode_attributes(m, {"age": 50, "sex": "F"})[0],
                    refine=2)
     np.testing.assert_allclose(streamed, np.moveaxis(reg.probs_to_native(), 0, -1), atol=1e-5)
 
@@ -318,7 +320,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import atlasmorph_cli.inference.registration as P
 import atlasmorph_cli.io.stream as S
-_register, _frames = P.register, S.save_frames
+_register, _frames = P.register_subject, S.save_frames
 def slow_register(*a, **k):
     time.sleep({delay})
     return _register(*a, **k)
@@ -327,7 +329,7 @@ def slow_frames(path, shape, n, affine, frame, **k):  # a long write: the tempor
         time.sleep(0.2)
         return frame(c)
     return _frames(path, shape, n, affine, slow, **k)
-P.register, S.save_frames = slow_register, slow_frames
+P.register_subject, S.save_frames = slow_register, slow_frames
 from atlasmorph_cli.cli import main
 sys.argv = ["atlasmorph", *sys.argv[1:]]
 main()

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from atlasmorph_cli.errors import AtlasMorphError
-from atlasmorph_cli.model.model_file import load_model, save_model, sha256
+from atlasmorph_cli.model.model_file import load_model, save_model
+from atlasmorph_cli.model.shipped import sha256
 from synthetic import small_model
 
 

@@ -1,7 +1,7 @@
 """The perturbations of benchmarks/ood_benchmark.py do what they claim (synthetic volumes, no ANTs, no data)."""
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 from pathlib import Path
 
@@ -13,15 +13,15 @@ from atlasmorph_cli import labels
 
 from conftest import psr_affine
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "ood_benchmark.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 
 @pytest.fixture(scope="module")
 def ood():
-    spec = importlib.util.spec_from_file_location("ood_benchmark", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    """benchmarks/ood_benchmark.py, imported as the script imports its neighbours (their folder on the path)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.syspath_prepend(str(BENCHMARKS))
+        yield importlib.import_module("ood_benchmark")
 
 
 def _world(affine, ijk):

@@ -122,19 +122,20 @@ def test_refinement_lowers_the_image_loss_on_a_real_subject(mni_model, subject):
     from atlasmorph_cli.model.model_file import load_model
     from atlasmorph_cli.model.layers import warp
     from atlasmorph_cli.model.losses import mse
-    from atlasmorph_cli.inference.registration import encode_attributes, register
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes
     from atlasmorph_cli.geometry.space import resample
 
     path, _, row = subject
     model, vol = load_model(mni_model), load_volume(path)
     vec, _ = encode_attributes(model, {"age": row["age"], "sex": row["sex"]})
-    plain, refined = register(model, vol, vec, refine=0), register(model, vol, vec, refine=10)
+    plain, refined = register_subject(model, vol, vec, refine=0), register_subject(model, vol, vec, refine=10)
     np.testing.assert_allclose(refined.world, plain.world)  # the affine part is not touched
     x = torch.from_numpy(resample(plain.brain, vol.affine, plain.grid, world=plain.world))[None, None]
     t1 = torch.from_numpy(plain.template.t1)[None, None]
-    loss = {k: mse(warp(t1, r.fwd[None]), x).item() for k, r in (("plain", plain), ("refined", refined))}
+    loss = {k: mse(warp(t1, r.template_to_subject_field[None]), x).item() for k, r in (("plain", plain), ("refined", refined))}
     assert loss["refined"] < 0.9 * loss["plain"], loss
-    assert refined.fwd.abs().max() > 0.1  # it did move
+    assert refined.template_to_subject_field.abs().max() > 0.1  # it did move
 
 
 @pytest.mark.parametrize("extra,expect", [([], 10), (["--refine", "0"], 0), (["--refine", "3"], 3)])
@@ -149,7 +150,7 @@ def test_refine_option_reaches_the_registration(tmp_path, mni_model, subject, mo
         seen["refine"] = refine
         raise AtlasMorphError("stopped after the option check")
 
-    monkeypatch.setattr(commands, "register", fake_register)
+    monkeypatch.setattr(commands, "register_subject", fake_register)
     path, _, row = subject
     r = runner.invoke(app, [str(a) for a in ("segment", path, "--age", row["age"], "--sex", row["sex"], "--model",
                                              mni_model, "-o", tmp_path / "seg.nii.gz", *extra)])

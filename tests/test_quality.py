@@ -48,7 +48,7 @@ def test_quality_reporting_cells_and_json():
 # ------------------------------------------------------------------------------------------ real cases
 @pytest.fixture(scope="module")
 def shipped():
-    from atlasmorph_cli.inference.registration import load
+    from atlasmorph_cli.model.shipped import load
 
     return load(None, 1)[1]
 
@@ -67,12 +67,13 @@ def validation_subject(data_dir):
 
 def _run(model, row, subj: Volume, mask: Volume | None, skullstripped: bool):
     from atlasmorph_cli.inference.brain_extraction import resolve_brain
-    from atlasmorph_cli.inference.registration import encode_attributes, register
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes
     from atlasmorph_cli.inference.quality import assess
 
     vec, _ = encode_attributes(model, {"age": row["age"], "sex": row["sex"]})
     brain = resolve_brain(subj, mask, skullstripped)
-    reg = register(model, subj, vec, brain.as_volume(subj))
+    reg = register_subject(model, subj, vec, brain.as_volume(subj))
     return assess(reg, brain.mask, "test", brain.source), brain
 
 
@@ -146,7 +147,8 @@ def test_flag_reaches_the_user_warning_json_csv_and_strict_exit_3(tmp_path, vali
 def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, validation_subject):
     """A batch of one good skull-stripped subject and an inverted one: per-subject JSON, volumes CSV columns,
     --strict ends with exit code 3 naming the flagged subject only."""
-    from atlasmorph_cli.cli.batch import run_batch
+    from atlasmorph_cli.cli.request import SubjectRequest
+    from atlasmorph_cli.cli.run import run_batch
     from atlasmorph_cli.inference.quality import QualityError
 
     t1, seg, row = validation_subject
@@ -161,8 +163,8 @@ def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, valida
     (tmp_path / "cohort.csv").write_text("\n".join(lines) + "\n")
     warnings: list[str] = []
     with pytest.raises(QualityError, match=r"1 of 2 subject\(s\) failed the quality check \(sub-invertedcontrast\)"):
-        run_batch("segment", tmp_path / "cohort.csv", None, tmp_path / "out", "dseg,qc", threads=1, quiet=True,
-                  warn=warnings.extend, strict=True)
+        run_batch(SubjectRequest("segment", tmp_path / "cohort.csv", out_dir=tmp_path / "out", output_names="dseg,qc",
+                                 threads=1, strict=True), warnings.extend, quiet=True)
     assert [w for w in warnings if "quality" in w] and all("sub-invertedcontrast" in w for w in warnings
                                                           if "quality" in w)
     for label, flagged in (("good", False), ("invertedcontrast", True)):
@@ -180,7 +182,7 @@ def test_batch_writes_quality_json_per_subject_and_strict_fails(tmp_path, valida
 # ------------------------------------------------------------------------------------------ refused outright
 def test_a_model_with_nan_weights_is_refused(tmp_path):
     from atlasmorph_cli.model.model_file import load_model, save_model
-    from atlasmorph_cli.inference.registration import load
+    from atlasmorph_cli.model.shipped import load
     from synthetic import small_model
 
     p = small_model(tmp_path / "m.safetensors")

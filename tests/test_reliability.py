@@ -32,8 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atlasmorph_cli.cli import run as commands_mod
+from atlasmorph_cli.cli import outputs as outputs_mod
 from atlasmorph_cli.model import model_file as model_mod
-from atlasmorph_cli.inference import registration as pipeline_mod
+from atlasmorph_cli.model import shipped as shipped_mod
 from atlasmorph_cli.cli import main
 from atlasmorph_cli.errors import AtlasMorphError
 from atlasmorph_cli.io.volumes import all_or_nothing, save_volume
@@ -368,7 +369,7 @@ def test_unexpected_errors_are_one_line_too(tmp_path, inputs, monkeypatch):
     def boom(*a, **k):
         raise ValueError("something\nwent wrong")
 
-    monkeypatch.setattr(commands_mod, "register", boom)
+    monkeypatch.setattr(commands_mod, "register_subject", boom)
     code, stderr = run_inprocess(["segment", "in/brain.nii.gz", *AGE, *MODEL, "-o", "out/s.nii.gz"], cwd)
     assert code == 1 and stderr.count("\n") == 1
     assert stderr.startswith("atlasmorph: internal error: ValueError: something went wrong (rerun with --debug")
@@ -390,11 +391,11 @@ def test_failure_while_writing_leaves_no_output(tmp_path, inputs, monkeypatch, c
     """The last output fails after the others were written: none of them may appear, nor temp files."""
     cwd = case_folder(tmp_path, inputs)
     if command == "segment":
-        _fail_late(monkeypatch, commands_mod, "write_volumes")
+        _fail_late(monkeypatch, commands_mod, "write_volumes")  # the --vol table, written last
         argv = ["segment", "in/brain.nii.gz", *AGE, *MODEL, "-o", "out/s.nii.gz", "--probs", "out/p.nii.gz", "--vol",
                 "out/v.csv"]
     elif command == "register":
-        _fail_late(monkeypatch, commands_mod, "save_itk_affine")
+        _fail_late(monkeypatch, outputs_mod, "save_itk_affine")
         argv = ["register", "in/brain.nii.gz", *AGE, *MODEL, "-o", "out/m.nii.gz", "-t", "out/w.nii.gz", "--labels",
                 "out/l.nii.gz", "--affine", "out/a.txt"]
     else:
@@ -429,7 +430,7 @@ def test_all_or_nothing_commits_together(tmp_path):
 
 def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     """A crash while writing a checkpoint leaves the previous one intact and no temporary file."""
-    from atlasmorph_cli.training import loop as train_mod
+    from atlasmorph_cli.training import checkpoints as checkpoints_mod
     from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig
 
     model = AtlasMorph(ModelConfig(name="t", grid=SMALL_GRID.to_dict(), attributes=[], template_width=8))
@@ -437,18 +438,18 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     gen = torch.Generator().manual_seed(0)
     memory = {"fields": torch.zeros(2, 3, 8, 8, 8), "filled": torch.zeros(2, dtype=torch.bool)}
     ckpt = tmp_path / "checkpoint.safetensors"
-    train_mod.save_checkpoint(ckpt, model, opt, gen, 5, memory, [], "{}")
+    checkpoints_mod.save_checkpoint(ckpt, model, opt, gen, 5, memory, [], "{}")
     before = ckpt.read_bytes()
-    real = train_mod.save_file
+    real = checkpoints_mod.save_file
 
     def half_then_kill(tensors, path, metadata=None):
         real(tensors, path, metadata=metadata)
         Path(path).write_bytes(Path(path).read_bytes()[:1000])  # a partial file, then the "crash"
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(train_mod, "save_file", half_then_kill)
+    monkeypatch.setattr(checkpoints_mod, "save_file", half_then_kill)
     with pytest.raises(KeyboardInterrupt):
-        train_mod.save_checkpoint(ckpt, model, opt, gen, 10, memory, [], "{}")
+        checkpoints_mod.save_checkpoint(ckpt, model, opt, gen, 10, memory, [], "{}")
     assert ckpt.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.safetensors"]
 
@@ -459,7 +460,7 @@ TRAIN_SCRIPT = """
 import sys
 sys.path.insert(0, {tests!r})
 from synthetic import SMALL_GRID, small_reference
-import atlasmorph_cli.cli.run as C
+import atlasmorph_cli.training.reference as R
 import atlasmorph_cli.training.loop as T
 
 _train = T.train
@@ -467,7 +468,7 @@ def small_train(s, reference):
     s.grid, s.template_width = SMALL_GRID, 8
     return _train(s, small_reference())
 T.train = small_train
-C.training_reference = lambda reference, init: None
+R.training_reference = lambda reference, init: None
 from atlasmorph_cli.cli import main
 sys.argv = ["atlasmorph", "train", *sys.argv[1:]]
 main()
@@ -571,41 +572,41 @@ def _shipped(folder: Path, inputs: Path, digest: str | None = None, listed: str 
 
 
 def test_verify_shipped(tmp_path, inputs):
-    good = model_mod.sha256(inputs / "model.safetensors")
+    good = shipped_mod.sha256(inputs / "model.safetensors")
     m = _shipped(tmp_path / "ok", inputs, good)
-    assert model_mod.verify_shipped(m) == good
+    assert shipped_mod.verify_shipped(m) == good
     with pytest.raises(AtlasMorphError, match="no checksum file atlasmorph-fake-v1.sha256"):
-        model_mod.verify_shipped(_shipped(tmp_path / "none", inputs))
+        shipped_mod.verify_shipped(_shipped(tmp_path / "none", inputs))
     with pytest.raises(AtlasMorphError, match="does not match"):
-        model_mod.verify_shipped(_shipped(tmp_path / "bad", inputs, "0" * 64))
+        shipped_mod.verify_shipped(_shipped(tmp_path / "bad", inputs, "0" * 64))
     with pytest.raises(AtlasMorphError, match="not a sha256 checksum line"):
-        model_mod.verify_shipped(_shipped(tmp_path / "short", inputs, "abc123"))
+        shipped_mod.verify_shipped(_shipped(tmp_path / "short", inputs, "abc123"))
     with pytest.raises(AtlasMorphError, match="lists 'other.safetensors'"):
-        model_mod.verify_shipped(_shipped(tmp_path / "name", inputs, good, "other.safetensors"))
+        shipped_mod.verify_shipped(_shipped(tmp_path / "name", inputs, good, "other.safetensors"))
     tampered = _shipped(tmp_path / "tampered", inputs, good)
     data = bytearray(tampered.read_bytes())
     data[-1] ^= 1
     tampered.write_bytes(bytes(data))
     with pytest.raises(AtlasMorphError, match="corrupt or was replaced"):
-        model_mod.verify_shipped(tampered)
+        shipped_mod.verify_shipped(tampered)
 
 
 def test_shipped_model_is_verified_when_used(tmp_path, inputs, monkeypatch):
     cwd = case_folder(tmp_path / "w", inputs)
-    good = model_mod.sha256(inputs / "model.safetensors")
+    good = shipped_mod.sha256(inputs / "model.safetensors")
     ok = _shipped(tmp_path / "ok", inputs, good)
-    monkeypatch.setattr(pipeline_mod, "shipped_models", lambda: [ok])
+    monkeypatch.setattr(shipped_mod, "shipped_models", lambda: [ok])
     code, stderr = run_inprocess(["template", *AGE, "-o", "out/t.nii.gz"], cwd)
     assert code == 0, stderr
     (cwd / "out" / "t.nii.gz").unlink()
     bad = _shipped(tmp_path / "bad", inputs, "f" * 64)
-    monkeypatch.setattr(pipeline_mod, "shipped_models", lambda: [bad])
+    monkeypatch.setattr(shipped_mod, "shipped_models", lambda: [bad])
     for argv in (["template", *AGE, "-o", "out/t.nii.gz"],  # the default model
                  ["template", *AGE, "-m", str(bad), "-o", "out/t.nii.gz"]):  # the shipped file named explicitly
         code, stderr = run_inprocess(argv, cwd)
         assert_clean_failure(code, stderr, "does not match", cwd)
     missing = _shipped(tmp_path / "missing", inputs)
-    monkeypatch.setattr(pipeline_mod, "shipped_models", lambda: [missing])
+    monkeypatch.setattr(shipped_mod, "shipped_models", lambda: [missing])
     code, stderr = run_inprocess(["template", *AGE, "-o", "out/t.nii.gz"], cwd)
     assert_clean_failure(code, stderr, "no checksum file", cwd)
 

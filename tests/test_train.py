@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 from atlasmorph_cli.errors import AtlasMorphError
 from atlasmorph_cli.model.model_file import load_model
 from atlasmorph_cli.training.cohort import load_prepared
-from atlasmorph_cli.training.loop import LossWeights, TrainSettings, label_frequencies, train
+from atlasmorph_cli.training.loop import LossWeights, TrainSettings, train
+from atlasmorph_cli.training.step import label_frequencies
 from synthetic import SMALL_GRID, small_reference, write_cohort
 
 
@@ -45,7 +46,7 @@ def _ventricle_volumes(model, deformation_only: bool = False) -> list[float]:
     base template moved by the template's deformation, without the intensity/label residual."""
     from atlasmorph_cli.labels import STRUCTURES
     from atlasmorph_cli.model.layers import integrate_velocity, resize_field, warp
-    from atlasmorph_cli.inference.registration import encode_attributes
+    from atlasmorph_cli.inference.template import encode_attributes
 
     k = 1 + [s.fs_id for s in STRUCTURES].index(4)
     vols = []
@@ -68,7 +69,7 @@ def test_deformable_template_carries_the_age_effect_as_shape(cohort, tmp_path):
     is the regression of the stored subject warps, and the segmentation loss falls."""
     import csv
 
-    from atlasmorph_cli.training.loop import refit_template_shape
+    from atlasmorph_cli.training.step import refit_template_shape
 
     out = tmp_path / "v2"
     train(settings(cohort, out, steps=60, val_every=1000, shape_every=10,

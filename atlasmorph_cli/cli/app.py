@@ -1,7 +1,8 @@
 """The `atlasmorph` command: train | template | register | segment (parsing, messages, exit codes).
 
-Every command is a thin shell over functions in pipeline/train; an AtlasMorphError becomes one line
-on stderr and exit code 1 (`--debug` shows the traceback instead).
+Every command is a thin shell: it builds a request and hands it to cli.run (template, register,
+segment) or training.loop (train); an AtlasMorphError becomes one line on stderr and exit code 1
+(`--debug` shows the traceback instead).
 """
 from __future__ import annotations
 
@@ -21,10 +22,10 @@ from rich.console import Console
 from rich.text import Text
 
 from .. import __version__
-from .run import attribute_values
 from ..errors import AtlasMorphError
 from ..model.loss_weights import LossWeights
-from ..inference.registration import REFINE_STEPS
+from ..inference.refine import REFINE_STEPS
+from .request import SubjectRequest, attribute_values
 
 err = Console(stderr=True)
 app = typer.Typer(
@@ -66,7 +67,7 @@ StrictOpt = typer.Option(False, "--strict", help="Exit with code 3 when a subjec
 
 def _version(value: bool) -> None:
     if value:
-        from ..inference.registration import shipped_models
+        from ..model.shipped import shipped_models
 
         models = ", ".join(p.stem for p in shipped_models()) or "none"
         typer.echo(f"atlasmorph {__version__} (shipped model: {models})")
@@ -107,8 +108,8 @@ def _warn(messages: list[str]) -> None:
 
 
 # ----------------------------------------------------------------------------------------- train
-@app.command()
-def train(
+@app.command("train")
+def train_command(
     data: Path = typer.Option(..., "--data", help="Cohort CSV: t1, optional seg/mask, attribute columns."),
     out: Path = typer.Option(..., "--out", help="Output folder: checkpoint, model.safetensors, history, split."),
     attributes: str = typer.Option("age,sex", help="Comma-separated attribute columns, or 'none' (unconditional)."),
@@ -156,8 +157,9 @@ def train(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
     """Train a conditional template + registration model on a cohort."""
+    from ..model.losses import IMAGE_LOSSES
     from ..training.loop import TrainSettings, train as run_train
-    from .run import training_reference
+    from ..training.reference import training_reference
 
     if device not in ("cpu", "cuda"):
         raise AtlasMorphError(f"--device must be cpu or cuda, got '{device}'")
@@ -165,8 +167,8 @@ def train(
         raise AtlasMorphError(f"{data}: no such cohort file")
     if split is not None and not split.is_file():
         raise AtlasMorphError(f"--split {split}: no such file")
-    if image_loss not in ("mse", "ncc"):
-        raise AtlasMorphError(f"--image-loss must be mse or ncc, got '{image_loss}'")
+    if image_loss not in IMAGE_LOSSES:
+        raise AtlasMorphError(f"--image-loss must be {' or '.join(IMAGE_LOSSES)}, got '{image_loss}'")
     if device == "cuda":
         import torch
 
@@ -186,8 +188,8 @@ def train(
 
 
 # ----------------------------------------------------------------------------------------- template
-@app.command()
-def template(
+@app.command("template")
+def template_command(
     output: Path = typer.Option(..., "-o", "--output", help="Template T1 (.nii.gz/.mgz); with an age range, "
                                 "one file per age named OUTPUT_age-<A>."),
     age: Optional[str] = typer.Option(None, "--age", help="Age in years, or START:STOP:STEP for a trajectory "
@@ -208,8 +210,8 @@ def template(
 
 
 # ----------------------------------------------------------------------------------------- register
-@app.command()
-def register(
+@app.command("register")
+def register_command(
     image: Path = ImageArg,
     age: Optional[float] = AgeOpt,
     sex: Optional[str] = SexOpt,
@@ -239,26 +241,26 @@ def register(
     skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
-    from .run import run_register
+    from .run import run_request
 
     if _batch(image, out_dir, outputs, skip_existing):
-        from .batch import check_single_only, run_batch
+        from .batch import check_single_only
 
         check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
                            "--labels": labels, "--jacobian": jacobian, "--mask": mask, "--brain-mask": brain_mask,
                            "--brain": brain, "--quality": quality, "--qc": qc})
-        run_batch("register", image, attribute_values(age, sex, attr), out_dir, outputs, warp_format=warp_format,
-                  model_path=model, threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
-                  skip_existing=skip_existing, strict=strict)
-        return
-    run_register(image, attribute_values(age, sex, attr), mask, moved, template_out, trans, inverse, affine_out,
-                 labels, jacobian, warp_format, model, threads, _warn, refine=refine, skullstripped=skullstripped,
-                 brain_mask_out=brain_mask, brain_out=brain, quality_out=quality, strict=strict, qc_out=qc)
+    run_request(SubjectRequest(
+        "register", image, attribute_values(age, sex, attr),
+        {"moved": moved, "template": template_out, "warp": trans, "inverse": inverse, "affine": affine_out,
+         "labels": labels, "jacobian": jacobian, "brainmask": brain_mask, "brain": brain, "quality": quality,
+         "qc": qc},
+        mask=mask, skullstripped=skullstripped, refine=refine, warp_format=warp_format, model_path=model,
+        threads=threads, strict=strict, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing), _warn)
 
 
 # ----------------------------------------------------------------------------------------- segment
-@app.command()
-def segment(
+@app.command("segment")
+def segment_command(
     ctx: typer.Context,
     image: Path = ImageArg,
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Segmentation (34 structures, FreeSurfer "
@@ -285,22 +287,20 @@ def segment(
     skip_existing: bool = SkipExistingOpt,
 ) -> None:
     """Segment a subject with the label map of its conditional template (subject's own grid)."""
-    from .run import run_segment
+    from .run import run_request
 
     if _batch(image, out_dir, outputs, skip_existing):
-        from .batch import check_single_only, run_batch
+        from .batch import check_single_only
 
         check_single_only({"-o": output, "--probs": probs, "--mask": mask, "--brain-mask": brain_mask,
                            "--brain": brain, "--quality": quality, "--qc": qc})
-        run_batch("segment", image, attribute_values(age, sex, attr), out_dir, outputs, vol=vol, model_path=model,
-                  threads=threads, refine=refine, warn=_warn, skullstripped=skullstripped,
-                  skip_existing=skip_existing, strict=strict)
-        return
-    if output is None:
+    elif output is None:
         ctx.fail("Missing option '-o' / '--output'.")
-    run_segment(image, attribute_values(age, sex, attr), mask, output, probs, vol, model, threads, _warn, refine=refine,
-                skullstripped=skullstripped, brain_mask_out=brain_mask, brain_out=brain, quality_out=quality,
-                strict=strict, qc_out=qc)
+    run_request(SubjectRequest(
+        "segment", image, attribute_values(age, sex, attr),
+        {"dseg": output, "probseg": probs, "brainmask": brain_mask, "brain": brain, "quality": quality, "qc": qc},
+        mask=mask, skullstripped=skullstripped, refine=refine, model_path=model, threads=threads, strict=strict,
+        vol=vol, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing), _warn)
 
 
 def _one_line(text: str) -> str:

@@ -11,11 +11,12 @@
 """
 from __future__ import annotations
 
-import csv
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .volumes_table import read_volume_rows, write_volumes
 
 
 def _complete(paths: list[Path]) -> bool:
@@ -30,8 +31,6 @@ def keep_finished(vol: Path | None, volumes: list, voxel_mm3: list, subjects: li
     try:
         yield
     except KeyboardInterrupt:
-        from .run import write_volumes
-
         done = [s for s in subjects if _complete(outputs_of(s))]
         names = ", ".join(f"sub-{s.label}" for s in done[:10]) + (f", ... ({len(done) - 10} more)" if len(done) > 10 else "")
         note = ""
@@ -42,21 +41,6 @@ def keep_finished(vol: Path | None, volumes: list, voxel_mm3: list, subjects: li
               f"{f' ({names})' if done else ''}{note}; rerun the same command with --skip-existing to do the rest",
               file=sys.stderr, flush=True)
         raise
-
-
-def read_volume_rows(vol: Path) -> dict[str, list[str]]:
-    """subject -> the rest of its row (total and structures, as written) of an existing volumes table."""
-    if not vol.is_file():
-        return {}
-    try:
-        with open(vol, newline="") as fh:
-            rows = list(csv.reader(fh))
-    except (OSError, UnicodeDecodeError, csv.Error):
-        return {}
-    if not rows or rows[0][:1] != ["subject"]:
-        return {}
-    width = len(rows[0])
-    return {r[0]: r[1:] for r in rows[1:] if len(r) == width}
 
 
 def skip_finished(subjects: list, outputs_of: Callable[[object], list[Path]], vol: Path | None,

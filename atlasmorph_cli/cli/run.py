@@ -1,89 +1,45 @@
-"""What each subcommand does between parsing and writing: check inputs, run the pipeline, write outputs.
+"""The one orchestration path of the commands: template; register and segment of one subject or a batch.
 
-Outputs are only written when asked for, after the registration succeeded; they are written as
-hidden temporary files and renamed into place together at the end (io.all_or_nothing), so a
-failure, even while writing, never leaves a partial set behind. Large outputs are computed one at a
-time as they are written (register's outputs, segment's probabilities frame by frame, template's
-ages), so memory holds one of them, not all.
+`run_request` takes a SubjectRequest (single image or batch) and `process_subject` does one subject for
+both: register to the attribute-matched template, check its quality, then write every requested output
+(cli.outputs) as hidden temporary files renamed into place together at the end
+(io.volumes.all_or_nothing), so a failure, even while writing, never leaves a partial set behind. Large
+outputs are computed one at a time as they are written, so memory holds one of them, not all.
+The nipype interfaces run the same commands (interfaces.nodes), hence this same path.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
+from rich.text import Text
 
-from ..inference.brain_extraction import Brain, resolve_brain
-from ..inference.quality import CSV_COLUMNS, Quality, QualityError, assess
-from ..inference.quality import write_json as write_quality
 from ..errors import AtlasMorphError
-from .safety import outputs_not_inputs
-from ..io.stream import save_native_probs
-from ..io.volumes import Volume, all_or_nothing, atomic_path, check_output_dir, load_volume, save_volume, suffix_of
-from ..labels import STRUCTURES
-from ..inference.registration import REFINE_STEPS, encode_attributes, load, make_template, register
-from ..geometry.space import MODEL_GRID, resample
-from ..warpio import WARP_FORMATS, save_displacement, save_itk_affine
+from ..inference.brain_extraction import Brain, resolve_brain
+from ..inference.quality import Quality, QualityError, assess
+from ..inference.quality import write_json as write_quality
+from ..inference.registration import register_subject, save_native_probs
+from ..inference.template import encode_attributes, make_template
+from ..io.volumes import Volume, all_or_nothing, check_output_dir, load_volume, save_volume, suffix_of
+from ..model.model_file import AtlasMorph
+from ..model.shipped import load
+from ..progress import progress_bar
+from .batch import (MAX_LISTED, QC_INDEX_NAME, QC_OUTPUTS, QUALITY_NAME, VOLUMES_NAME,
+                    BatchResult, BatchSubject, is_batch_input, output_table, parse_outputs, read_batch_input,
+                    subject_attrs)
+from .batch_resume import keep_finished, skip_finished
+from .outputs import (MNI_XFORM, REGISTER_FLAGS, SEGMENT_FLAGS, SUBJECT_FLAGS, brain_writes, check_outputs,
+                      check_warp_format, qc_write, register_writes)
+from .request import SubjectRequest, attribute_values
+from .safety import check_batch_outputs, check_distinct, outputs_not_inputs
+from .volumes_table import volume_cells, write_volumes
 
 Warn = Callable[[list[str]], None]
 MAX_AGES = 1000  # templates one `template --age START:STOP:STEP` may write (each is written, then freed)
 MONTAGE_AGES = 25  # columns of a --png montage at most (evenly spaced over the ages, first and last included)
-MNI_XFORM = 4  # NIfTI xform code "MNI152" for outputs on the model grid
-
-
-def attribute_values(age: float | None, sex: str | None, extra: list[str] | None) -> dict[str, object] | None:
-    """Collect --age, --sex and --attr NAME=VALUE into one dict (None when nothing was given)."""
-    values: dict[str, object] = {}
-    if age is not None:
-        values["age"] = age
-    if sex is not None:
-        values["sex"] = sex
-    for item in extra or []:
-        if "=" not in item:
-            raise AtlasMorphError(f"--attr expects NAME=VALUE, got '{item}'")
-        k, v = (x.strip() for x in item.split("=", 1))
-        if k in values:  # --attr age=75 with --age 40, or the same name twice: no silent winner
-            first = (f"--{k} {values[k]}" if (k == "age" and age is not None) or (k == "sex" and sex is not None)
-                     else f"--attr {k}={values[k]}")
-            raise AtlasMorphError(f"{k} is given twice ({first} and --attr {k}={v}); give it once")
-        values[k] = v
-    return values or None
-
-
-def _check_outputs(paths: list[Path | None]) -> list[Path]:
-    """Validate output paths up front (suffix, existing writable folder) so no work is wasted."""
-    out = [p for p in paths if p is not None]
-    if len(set(str(p.resolve()) for p in out)) != len(out):
-        raise AtlasMorphError("two outputs were given the same path")
-    for p in out:
-        if p.suffix.lower() not in (".csv", ".txt", ".png", ".tfm", ".json"):
-            suffix_of(p)
-        check_output_dir(p)
-    return out
-
-
-def training_reference(reference: Path | None, init: Path | None) -> np.ndarray:
-    """The affine target for cohort preparation, on the model grid (see `atlasmorph train --help`)."""
-    if reference is not None:
-        ref = load_volume(reference)
-        from ..geometry.intensity import normalize
-
-        grid = resample(ref.data, ref.affine, MODEL_GRID)
-        return normalize(grid, grid > 0)
-    if init is not None:
-        _, model = load(init)
-        t = make_template(model, encode_attributes(model, None)[0])
-        return t.t1 * (t.probs[0] < 0.5)
-    from ..io.datadir import find_data_dir
-    from ..training.reference import mni_reference
-
-    data = find_data_dir()
-    if data is None:
-        raise AtlasMorphError("no affine reference: pass --reference (a brain T1 in MNI space) or --init MODEL, "
-                              "or set ATLASMORPH_DATA to a folder holding mni152/")
-    return mni_reference(data)[0]
+NO_ATTRIBUTES = "no attributes given: using the population-average template"
 
 
 # ----------------------------------------------------------------------------------------- template
@@ -122,7 +78,7 @@ def montage_ages(ages: list) -> list:
 
 @outputs_not_inputs
 def run_template(output, age, sex, attr, labels, probs, png, model_path, threads, warn: Warn) -> None:
-    _check_outputs([output, labels, probs, png])
+    check_outputs([output, labels, probs, png])
     ages = parse_ages(age)
     _, model = load(model_path, threads)
     series = ages if ages and len(ages) > 1 else None
@@ -154,13 +110,18 @@ def run_template(output, age, sex, attr, labels, probs, png, model_path, threads
             template_montage(kept, png, sex)
 
 
-# ----------------------------------------------------------------------------------------- register
-def _load_inputs(image: Path, mask: Path | None) -> tuple[Volume, Volume | None]:
-    return load_volume(image), (load_volume(mask) if mask else None)
+# ----------------------------------------------------------------------------------------- one subject
+def encode_request(model: AtlasMorph, values: dict[str, object] | None, warn: Warn, prefix: str = ""):
+    """The (1, A) attribute vector of `values`; its warnings (and the population-average notice) go to `warn`."""
+    vec, warnings = encode_attributes(model, values)
+    if values is None:
+        warnings = [*warnings, NO_ATTRIBUTES]
+    warn([f"{prefix}{w}" for w in warnings])
+    return vec
 
 
 def check_quality(reg, brain: Brain, name: str, warn: Warn) -> Quality:
-    """The subject's quality (quality.py); one warning line naming it and the reasons when it is flagged."""
+    """The subject's quality (inference.quality); one warning line naming it and the reasons when it is flagged."""
     q = assess(reg, brain.mask, name, brain.source)
     if q.flagged:
         warn([q.warning()])
@@ -176,154 +137,165 @@ def strict_exit(strict: bool, qualities: list[Quality]) -> None:
                            "their outputs were written")
 
 
-def attributes_text(attrs: dict | None) -> str:
-    """'age 70, sex F' for a QC picture's title ('population-average template' without attributes)."""
-    if not attrs:
-        return "population-average template"
-    return ", ".join(f"{k} {v}" for k, v in attrs.items() if v is not None)
+def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: SubjectRequest, paths: dict[str, Path],
+                    name: str, attrs: dict | None, warn: Warn, table: Path | None = None) -> tuple[Quality, list | None]:
+    """Register one subject, check its quality and write the outputs in `paths` (output name -> path) together.
+
+    `name` names the subject in warnings, its quality record and (segment) its row of the volumes table
+    `table` (a one-row table; a batch writes its table at the end). Returns the quality and, for segment,
+    the row's cells.
+    """
+    reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine)
+    q = check_quality(reg, brain, name, warn)
+    seg = cells = None
+    if req.command == "segment":
+        seg, sums = reg.labels_to_native()
+        cells = volume_cells(sums, float(np.prod(subj.zooms)), q)
+        writes = [lambda: save_volume(seg, subj.affine, paths["dseg"], header=subj.header, dtype=np.int32)]
+        if paths.get("probseg"):  # frame by frame: the 35 native frames are never held together
+            writes.append(lambda: save_native_probs(reg, paths["probseg"]))
+    else:
+        writes = register_writes(reg, req.warp_format, paths)
+    writes += brain_writes(subj, brain, paths)
+    if paths.get("quality"):
+        writes.append(lambda: write_quality(paths["quality"], [q]))
+    if paths.get("qc"):
+        writes.append(qc_write(reg, brain, q, paths["qc"], attrs, seg))
+    if table is not None:
+        writes.append(lambda: write_volumes(table, [(name, cells)], [1.0]))
+    with all_or_nothing():
+        for w in writes:
+            w()
+    return q, cells
 
 
-def qc_write(reg, brain: Brain, q: Quality, path: Path, attrs: dict | None,
-             labels: np.ndarray | None = None) -> Callable[[], object]:
-    """The call that draws and writes a subject's QC picture (qc.py); labels: its segmentation, if computed."""
-    from ..inference.qc import qc_figure
-
-    def write():
-        lab = labels if labels is not None else reg.labels_to_native()[0]
-        return qc_figure(reg.subject, brain.mask, lab, q, path, attributes_text(attrs))
-
-    return write
+def run_request(req: SubjectRequest, warn: Warn, **batch_options) -> BatchResult | None:
+    """Run `register` or `segment` as asked: over a batch (folder, .txt, .csv) or on one image."""
+    if is_batch_input(req.image):
+        return run_batch(req, warn, **batch_options)
+    run_single(req, warn)
+    return None
 
 
-def brain_writes(subj: Volume, brain: Brain, brain_mask_out: Path | None = None,
-                 brain_out: Path | None = None) -> list[Callable[[], object]]:
-    """Writers of the brain mask (uint8) and the skull-stripped image, both on the input's grid."""
-    writes: list[Callable[[], object]] = []
-    if brain_mask_out:
-        writes.append(lambda: save_volume(brain.mask, subj.affine, brain_mask_out, header=subj.header, dtype=np.uint8))
-    if brain_out:
-        writes.append(lambda: save_volume(np.where(brain.mask, subj.data, 0).astype(np.float32), subj.affine,
-                                          brain_out, header=subj.header, dtype=np.float32))
-    return writes
-
-
-@outputs_not_inputs
-def run_register(image, attrs, mask, moved, template_out, trans, inverse, affine_out, labels, jacobian,
-                 warp_format, model_path, threads, warn: Warn, refine: int = REFINE_STEPS, *,
-                 skullstripped: bool = False, brain_mask_out: Path | None = None,
-                 brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False,
-                 qc_out: Path | None = None) -> None:
-    if warp_format not in WARP_FORMATS:
-        raise AtlasMorphError(f"--warp-format must be one of {', '.join(WARP_FORMATS)}, got '{warp_format}'")
-    outs = _check_outputs([moved, template_out, trans, inverse, affine_out, labels, jacobian, brain_mask_out, brain_out,
-                           quality_out, qc_out])
-    if not outs:
+def run_single(req: SubjectRequest, warn: Warn) -> None:
+    """One image: check the request, then load, extract the brain, register and write (process_subject)."""
+    flags = {**(REGISTER_FLAGS if req.command == "register" else SEGMENT_FLAGS), "vol": "--vol", **SUBJECT_FLAGS}
+    paths = req.requested()
+    outputs = {flag: paths[n] if n != "vol" else req.vol for n, flag in flags.items()
+               if (req.vol if n == "vol" else paths.get(n)) is not None}
+    inputs = {what: Path(p) for what, p in (("the input image", req.image), ("the --mask image", req.mask),
+                                            ("the model file", req.model_path)) if p is not None}
+    if inputs and outputs:  # no output may replace an input (cli.safety)
+        check_distinct(outputs, inputs)
+    if req.command == "register":
+        check_warp_format(req.warp_format)
+    check_outputs(list(outputs.values()))
+    if req.command == "register" and not outputs:
         raise AtlasMorphError("no output requested: give at least one of -o, -O, -t, -T, --affine, --labels, "
                               "--jacobian, --brain-mask, --brain, --quality, --qc")
-    subj, m = _load_inputs(image, mask)
-    brain = resolve_brain(subj, m, skullstripped)
+    subj = load_volume(req.image)
+    mask = load_volume(req.mask) if req.mask else None
+    brain = resolve_brain(subj, mask, req.skullstripped)
     warn(brain.warnings)
-    _, model = load(model_path, threads)
-    vec, warnings = encode_attributes(model, attrs)
-    warn(warnings)
-    if attrs is None:
-        warn(["no attributes given: using the population-average template"])
-    reg = register(model, subj, vec, brain.as_volume(subj), refine=refine)
-    q = check_quality(reg, brain, Path(image).name, warn)
-    writes = register_writes(reg, warp_format, moved, template_out, trans, inverse, affine_out, labels, jacobian)
-    writes += brain_writes(subj, brain, brain_mask_out, brain_out)
-    if quality_out:
-        writes.append(lambda: write_quality(quality_out, [q]))
-    if qc_out:
-        writes.append(qc_write(reg, brain, q, qc_out, attrs))
-    with all_or_nothing():
-        for w in writes:
-            w()
-    strict_exit(strict, [q])
+    _, model = load(req.model_path, req.threads)
+    vec = encode_request(model, req.attrs, warn)
+    q, _ = process_subject(model, vec, subj, brain, req, paths, Path(req.image).name, req.attrs, warn, table=req.vol)
+    strict_exit(req.strict, [q])
 
 
-def register_writes(reg, warp_format, moved=None, template_out=None, trans=None, inverse=None, affine_out=None,
-                    labels=None, jacobian=None) -> list[Callable[[], object]]:
-    """The calls that compute and write each requested register output; run them inside all_or_nothing().
+# ----------------------------------------------------------------------------------------- a batch
+def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
+              on_subject: Callable[[int, BatchSubject, str | None], None] | None = None,
+              quiet: bool = False) -> BatchResult:
+    """Run `register` or `segment` over every subject of the batch `req.image`; raise if any subject failed.
 
-    Each output is computed when its call runs and freed once written, so memory holds one output at a
-    time, not all of them (a 1 mm image with every output: 1.7 GB before); the writes go to temporary
-    files renamed together at the end of the block, so a failure still leaves nothing behind.
+    `on_subject(i, subject, error)` is called after each subject (error None on success); the
+    benchmarks use it to sample memory. `req.skullstripped`: every image without a mask is already
+    brain-extracted (no extraction). A subject that fails the quality check gets one warning line; with
+    `req.strict`, the batch then ends with exit code 3 (after every subject's outputs are written).
     """
-    subj = reg.subject
-    g = reg.grid
-    writes: list[Callable[[], object]] = []
-    if moved:
-        writes.append(lambda: save_volume(reg.subject_to_template(subj.data), g.affine, moved, xform_code=MNI_XFORM))
-    if template_out:
-        writes.append(lambda: save_volume(reg.to_native(reg.template.t1), subj.affine, template_out, header=subj.header))
-    if trans:
-        writes.append(lambda: save_displacement(reg.warp_subject_to_template_mm(), g.affine, trans, warp_format))
-    if inverse:
-        writes.append(lambda: save_displacement(reg.warp_template_to_subject_mm(), subj.affine, inverse, warp_format))
-    if affine_out:
-        writes.append(lambda: save_itk_affine(reg.world, affine_out))
-    if labels:
-        writes.append(lambda: save_volume(reg.labels_to_native()[0], subj.affine, labels, header=subj.header,
-                                          dtype=np.int32))
-    if jacobian:
-        writes.append(lambda: save_volume(reg.log_jacobian(), g.affine, jacobian, dtype=np.float32, xform_code=MNI_XFORM))
-    return writes
+    command, source, out_dir = req.command, req.image, req.out_dir
+    check_warp_format(req.warp_format)
+    if out_dir is None:
+        raise AtlasMorphError(f"{source}: a batch input (folder, .txt or .csv) needs --out-dir")
+    names = parse_outputs(command, req.output_names)
+    subjects = read_batch_input(source)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AtlasMorphError(f"--out-dir {out_dir}: exists and is not a folder")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir / VOLUMES_NAME)
+    vol = None
+    if command == "segment":
+        vol = req.vol if req.vol is not None else out_dir / VOLUMES_NAME
+        if vol.suffix.lower() != ".csv":
+            raise AtlasMorphError(f"--vol {vol}: the volumes table must be a .csv file")
+        check_output_dir(vol)
+    table = output_table(command)
 
+    def outputs_of(s: BatchSubject) -> list[Path]:
+        return [out_dir / s.name(table[n]) for n in names]
 
-# ----------------------------------------------------------------------------------------- segment
-VOLUME_HEADER = ["subject", "total_brain", *[s.name for s in STRUCTURES], *CSV_COLUMNS]
+    check_batch_outputs(source, subjects, out_dir, outputs_of, vol, req.model_path)  # no output may be an input
 
+    _, model = load(req.model_path, req.threads)
+    attr_names = model.config.encoder.names
+    model.config.encoder.check_names(req.attrs)
+    volumes: list[tuple[str, object]] = []
+    voxel_mm3: list[float] = []
+    failed: list[tuple[BatchSubject, str]] = []
+    qualities: list[Quality] = []
+    if req.skip_existing:
+        subjects, skipped = skip_finished(subjects, outputs_of, vol, volumes, voxel_mm3)
+        if skipped:
+            warn([f"--skip-existing: {len(skipped)} subject(s) already done, {len(subjects)} to do"])
+    with progress_bar(quiet) as bar, keep_finished(vol, volumes, voxel_mm3, subjects, outputs_of):
+        task = bar.add_task(command, total=len(subjects))
+        for i, s in enumerate(subjects):
+            error = None
+            try:
+                values = subject_attrs(s, req.attrs, attr_names)
+                vec = encode_request(model, values, warn, prefix=f"sub-{s.label}: ")
+                subj = load_volume(s.t1)
+                mask = load_volume(s.mask) if s.mask else None
+                brain = resolve_brain(subj, mask, req.skullstripped and mask is None)
+                warn([f"sub-{s.label}: {w}" for w in brain.warnings])
+                paths = {n: out_dir / s.name(table[n]) for n in names}
+                paths["quality"] = out_dir / s.name(QUALITY_NAME)  # every subject's quality, always written
+                q, cells = process_subject(model, vec, subj, brain, req, paths, f"sub-{s.label}", values, warn)
+                if command == "segment":
+                    volumes.append((s.id, cells))
+                    voxel_mm3.append(1.0)
+                qualities.append(q)
+                del subj, mask, brain
+            except AtlasMorphError as exc:
+                error = str(exc)
+            except Exception as exc:  # one broken subject must not stop a cohort
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                failed.append((s, error))
+                where = f"sub-{s.label}" if str(s.t1) in error else f"sub-{s.label} ({s.t1})"
+                bar.console.print(Text.assemble(("atlasmorph: error: ", "bold red"), f"{where}: ",
+                                                " ".join(error.split())), soft_wrap=True)
+            if on_subject is not None:
+                on_subject(i, s, error)
+            bar.advance(task)
 
-def volume_cells(sums: np.ndarray, voxel_mm3: float, quality: Quality | None = None) -> list[str]:
-    """A volumes-table row after the subject column: total, the 34 structures (mm3), the quality columns."""
-    v = sums[1:] * voxel_mm3
-    return [f"{v.sum():.1f}", *[f"{x:.1f}" for x in v], *(quality.csv_cells() if quality else [""] * len(CSV_COLUMNS))]
+    result = BatchResult(subjects, failed, qualities=qualities)
+    if "qc" in names and qualities:
+        from ..inference.qc import qc_index
 
-
-def write_volumes(path: Path, rows: list[tuple[str, np.ndarray]], voxel_mm3: list[float]) -> None:
-    """Structure volumes (mm3) as CSV, one row per subject, in the 34-structure order, then the subject's
-    quality (qc_score, qc_flagged 0/1, qc_reasons). A row given as a list of cells is written as it is."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(VOLUME_HEADER)
-        for (sid, sums), vox in zip(rows, voxel_mm3):
-            if isinstance(sums, list):  # cells made already, or a row of an earlier run's table (--skip-existing)
-                w.writerow([sid, *sums, *[""] * (len(VOLUME_HEADER) - 1 - len(sums))])
-                continue
-            w.writerow([sid, *volume_cells(sums, vox)])
-
-
-@outputs_not_inputs
-def run_segment(image, attrs, mask, output, probs, vol, model_path, threads, warn: Warn,
-                refine: int = REFINE_STEPS, *, skullstripped: bool = False, brain_mask_out: Path | None = None,
-                brain_out: Path | None = None, quality_out: Path | None = None, strict: bool = False,
-                qc_out: Path | None = None) -> None:
-    _check_outputs([output, probs, vol, brain_mask_out, brain_out, quality_out, qc_out])
-    subj, m = _load_inputs(image, mask)
-    brain = resolve_brain(subj, m, skullstripped)
-    warn(brain.warnings)
-    _, model = load(model_path, threads)
-    vec, warnings = encode_attributes(model, attrs)
-    warn(warnings)
-    if attrs is None:
-        warn(["no attributes given: using the population-average template"])
-    reg = register(model, subj, vec, brain.as_volume(subj), refine=refine)
-    q = check_quality(reg, brain, Path(image).name, warn)
-    seg, sums = reg.labels_to_native()
-    writes = brain_writes(subj, brain, brain_mask_out, brain_out)
-    if quality_out:
-        writes.append(lambda: write_quality(quality_out, [q]))
-    if qc_out:
-        writes.append(qc_write(reg, brain, q, qc_out, attrs, seg))
-    with all_or_nothing():
-        save_volume(seg, subj.affine, output, header=subj.header, dtype=np.int32)
-        for w in writes:
-            w()
-        if probs:  # frame by frame (stream.py): the 35 native frames are never held together
-            save_native_probs(reg, probs)
-        if vol:
-            sid = Path(image).name
-            write_volumes(vol, [(sid, volume_cells(sums, float(np.prod(subj.zooms)), q))], [1.0])
-    strict_exit(strict, [q])
-
+        by_label = {f"sub-{s.label}": s for s in subjects}
+        qc_index(out_dir / QC_INDEX_NAME, [(q.subject, by_label[q.subject].name(QC_OUTPUTS["qc"]), q)
+                                           for q in qualities if q.subject in by_label])
+    if command == "segment" and volumes:
+        write_volumes(vol, volumes, voxel_mm3)
+        result.volumes = vol
+    if failed:
+        listed = ", ".join(f"sub-{s.label}" for s, _ in failed[:MAX_LISTED])
+        more = f", ... ({len(failed) - MAX_LISTED} more)" if len(failed) > MAX_LISTED else ""
+        rest = (f"the others were written to {out_dir}" if len(failed) < len(subjects)
+                else "nothing was written" + (f" (the {len(volumes)} rows of subjects done before are kept in {vol})"
+                                              if volumes else ""))
+        raise AtlasMorphError(f"{len(failed)} of {len(subjects)} subjects failed ({listed}{more}); {rest}")
+    strict_exit(req.strict, qualities)
+    return result

@@ -1,6 +1,7 @@
 """Guards against losing data: no output may replace an input, and a SIGTERM ends a command cleanly.
 
-* `outputs_not_inputs` (a decorator on the commands) and `check_batch_outputs`: an output path that
+* `outputs_not_inputs` (a decorator on `template`), `check_distinct` (a single register/segment request) and
+  `check_batch_outputs`: an output path that
   is an input (the image, its mask, the model, a batch's cohort CSV or list, any subject's image)
   is refused before any work, whatever the spelling (relative, absolute, through a symbolic or hard
   link). FreeSurfer and ANTs tools would silently overwrite; losing a T1 to its own label map is

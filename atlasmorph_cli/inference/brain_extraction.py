@@ -24,7 +24,7 @@ import nibabel as nib
 import numpy as np
 
 from ..errors import AtlasMorphError
-from ..io.volumes import Volume
+from ..io.volumes import Volume, same_grid
 
 SKULLSTRIPPED_MAX_L = 2.5
 EXTRACTOR = "deepbet"
@@ -38,10 +38,10 @@ class Brain:
     mask: np.ndarray  # bool, the image's shape
     source: str  # one of MASK_SOURCES
     warnings: list[str]
-    given: Volume | None = None  # a --mask on another grid, passed on so that the pipeline names the mismatch
+    given: Volume | None = None  # a --mask on another grid, passed on so that registration.subject_brain names the mismatch
 
     def as_volume(self, subject: Volume) -> Volume:
-        """The mask as a Volume on the subject's grid, for pipeline.register(mask=...)."""
+        """The mask as a Volume on the subject's grid, for registration.register_subject(mask=...)."""
         if self.given is not None:
             return self.given
         return Volume(self.mask.astype(np.float32), subject.affine, subject.header, subject.source)
@@ -108,8 +108,8 @@ def resolve_brain(subject: Volume, mask: Volume | None = None, skullstripped: bo
         raise AtlasMorphError("--mask and --skullstripped exclude each other: a mask says where the brain is, "
                               "--skullstripped says the image is the brain")
     if mask is not None:
-        if mask.shape != subject.shape or not np.allclose(mask.affine, subject.affine, atol=1e-3):
-            return Brain(mask.data > 0, "mask", [], given=mask)  # pipeline.subject_brain() reports the mismatch
+        if not same_grid(mask, subject):
+            return Brain(mask.data > 0, "mask", [], given=mask)  # registration.subject_brain() reports the mismatch
         m, warns = _mask_from_file(subject, mask)
         return Brain(m, "mask", warns)
     if skullstripped or nonzero_litres(subject) <= SKULLSTRIPPED_MAX_L:

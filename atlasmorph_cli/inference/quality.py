@@ -125,7 +125,7 @@ def mask_agreement(subject, mask: np.ndarray) -> float | None:
 
 
 def assess(reg, mask: np.ndarray, subject: str = "", mask_source: str = "") -> Quality:
-    """The quality of a pipeline.Registration whose subject brain mask (native grid, bool) is `mask`.
+    """The quality of a registration.Registration whose subject brain mask (native grid, bool) is `mask`.
 
     A mask the user gave (`mask_source` "mask") is also compared with deepbet's extraction of the image
     (a few seconds more): a mask in the wrong place or taking in the skull is flagged even when the

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from ..model.layers import integrate_velocity, resize_field, warp
-from ..model.losses import gradient_l2, local_ncc, mse
+from ..model.layers import warp
+from ..model.losses import get_image_loss, gradient_l2
+from ..model.networks import velocity_to_displacements
 
-# the default of `register`/`segment`: chosen on 14 training subjects of the shipped model
+# the default of `atlasmorph register`/`segment`: chosen on 14 training subjects of the shipped model
 # (benchmarks/refine_sweep.py, docs/benchmarks.md), +0.019 mean Dice there for about 1 s
 REFINE_STEPS = 10
 REFINE_LR = 0.03
@@ -39,14 +40,14 @@ def refine_velocity(
     vel = vel_half.detach().clone().requires_grad_(True)
     if steps == 0:
         return vel.detach()
-    image = {"mse": mse, "ncc": local_ncc}[image_loss]
+    image = get_image_loss(image_loss)
     subject, template_t1 = subject.detach(), template_t1.detach()
     opt = torch.optim.Adam([vel], lr=lr)
     with torch.enable_grad():
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            half = integrate_velocity(vel, int_steps)
-            moved = warp(template_t1, resize_field(half, 2.0))
+            full, _, half = velocity_to_displacements(vel, int_steps, inverse=False)
+            moved = warp(template_t1, full)
             loss = w_image * image(subject, moved) + w_smooth * gradient_l2(half)
             loss.backward()
             opt.step()

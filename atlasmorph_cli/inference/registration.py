@@ -1,13 +1,12 @@
-"""template(), register(), segment(): native image in -> model space -> networks -> native outputs.
+"""One subject registered to its template, and every output computed from that registration.
 
-Data flow of `register`: load -> brain mask + normalise -> affine fit to the attribute-matched
-template -> RegNet -> integrate -> compose the deformable field with the affine -> resample ONCE
-into whichever grid an output lives on.
+Data flow of `register_subject`: brain mask + normalise -> affine fit to the attribute-matched
+template -> RegNet (-> refinement) -> integrate -> compose the deformable field with the affine ->
+resample ONCE into whichever grid an output lives on (`Registration`'s methods).
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -16,83 +15,18 @@ import torch
 from ..geometry.affine import fit_affine
 from ..errors import AtlasMorphError
 from ..geometry.intensity import normalize
-from ..io.volumes import Volume, grid_difference
+from ..io.volumes import Volume, grid_difference, same_grid
+from ..io.stream import save_frames
 from ..labels import to_freesurfer
 from ..model.loss_weights import LossWeights
-from ..limits import check_model_config
-from ..model.model_file import AtlasMorph, load_model, read_config, verify_shipped
+from ..model.model_file import AtlasMorph
 from ..model.layers import jacobian_determinant, sample_at
 from ..model.networks import velocity_to_displacements
 from .refine import REFINE_LR, REFINE_STEPS, refine_velocity
+from .template import Template, make_template
 from ..geometry.space import Grid, grid_coords, resample, voxel_map
 
-MODEL_GLOB = "atlasmorph-*.safetensors"
 CHUNK_VOXELS = 1 << 20  # native outputs are computed in slabs of about a million voxels
-
-
-# ----------------------------------------------------------------------------------------- the model
-def shipped_models() -> list[Path]:
-    """Model files installed with the package (or, from a source checkout, in ./models)."""
-    found: list[Path] = []
-    try:
-        found = sorted(Path(str(p)) for p in resources.files("atlasmorph_cli.models").iterdir()
-                       if p.name.endswith(".safetensors"))
-    except (ModuleNotFoundError, FileNotFoundError):
-        pass
-    if not found:
-        found = sorted((Path(__file__).resolve().parents[2] / "models").glob(MODEL_GLOB))
-    return found
-
-
-def is_shipped(path: Path) -> bool:
-    """Whether `path` is one of the model files installed with the package."""
-    try:
-        p = path.resolve()
-        return any(p == m.resolve() for m in shipped_models())
-    except OSError:
-        return False
-
-
-def resolve_model(path: Path | None) -> Path:
-    """The model to use: the one asked for, else the newest shipped model."""
-    if path is not None:
-        return path
-    models = shipped_models()
-    if not models:
-        raise AtlasMorphError("no shipped model found; pass --model PATH (e.g. a model from `atlasmorph train`)")
-    return models[-1]
-
-
-def encode_attributes(model: AtlasMorph, values: dict[str, object] | None) -> tuple[torch.Tensor, list[str]]:
-    """(1, A) attribute vector (population average when `values` is None) and any warnings."""
-    enc = model.config.encoder
-    if values is None or all(v is None for v in values.values()):
-        return torch.from_numpy(enc.encode_average())[None], []
-    enc.check_names({k: v for k, v in values.items() if v is not None})
-    parsed, warnings = enc.parse(values)
-    return torch.from_numpy(enc.encode(parsed))[None], warnings
-
-
-# ----------------------------------------------------------------------------------------- template
-@dataclass
-class Template:
-    """A template on the model grid: T1 (X,Y,Z), label probabilities (C,X,Y,Z), hard FreeSurfer labels."""
-
-    t1: np.ndarray
-    probs: np.ndarray
-    grid: Grid
-
-    @property
-    def labels(self) -> np.ndarray:
-        return to_freesurfer(self.probs.argmax(0)).astype(np.int32)
-
-
-@torch.no_grad()
-def make_template(model: AtlasMorph, attrs: torch.Tensor) -> Template:
-    """Run the template network for one attribute vector."""
-    t1, logits = model.template(attrs)
-    probs = torch.softmax(logits, 1)
-    return Template(t1[0, 0].clamp(0, 1).numpy(), probs[0].numpy(), model.config.model_grid)
 
 
 # ----------------------------------------------------------------------------------------- register
@@ -100,14 +34,17 @@ def make_template(model: AtlasMorph, attrs: torch.Tensor) -> Template:
 class Registration:
     """Subject <-> template: affine world map and deformable fields, all on the model grid.
 
-    `world` maps model-grid world points (RAS mm) to the subject's world; `fwd` (3,X,Y,Z, model
-    voxels) warps the template into the subject's affinely aligned frame, `inv` the other way.
+    `world` maps model-grid world points (RAS mm) to the subject's world. The two displacements (3,X,Y,Z,
+    model voxels, the network's `fwd` and `inv`) are named for what they move: `template_to_subject_field`
+    pulls the template into the subject's affinely aligned frame (sampled at subject-frame points, it
+    points into the template: the -T warp), `subject_to_template_field` pulls the subject onto the
+    template grid (sampled at template points, it points into the subject's frame: the -t warp).
     """
 
     template: Template
     world: np.ndarray
-    fwd: torch.Tensor
-    inv: torch.Tensor
+    template_to_subject_field: torch.Tensor
+    subject_to_template_field: torch.Tensor
     subject: Volume
     brain: np.ndarray
 
@@ -121,11 +58,11 @@ class Registration:
         m = voxel_map(self.grid.affine, native_affine, np.linalg.inv(self.world))
         m = m @ _row_offset(rows.start)
         y = grid_coords(m, (rows.stop - rows.start, *native_shape[1:]))  # aligned-frame positions
-        return y + sample_at(self.fwd[None], y, padding_mode="border")
+        return y + sample_at(self.template_to_subject_field[None], y, padding_mode="border")
 
     def template_to_native_coords(self) -> torch.Tensor:
         """Subject voxel coordinates (1,3,X,Y,Z) for every template-grid voxel (inverse field + affine)."""
-        z = grid_coords(np.eye(4), self.grid.shape) + self.inv[None]
+        z = grid_coords(np.eye(4), self.grid.shape) + self.subject_to_template_field[None]
         m = torch.as_tensor(voxel_map(self.subject.affine, self.grid.affine, self.world), dtype=torch.float64)
         zz = z.double()
         out = torch.einsum("ab,nbxyz->naxyz", m[:3, :3], zz) + m[:3, 3].view(1, 3, 1, 1, 1)
@@ -187,7 +124,7 @@ class Registration:
 
     def log_jacobian(self) -> np.ndarray:
         """log det of the deformable template -> subject map on the template grid (affine excluded)."""
-        det = jacobian_determinant(self.inv[None])[0].numpy()
+        det = jacobian_determinant(self.subject_to_template_field[None])[0].numpy()
         return np.log(np.clip(det, 1e-6, None))
 
 
@@ -207,7 +144,7 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
     """Brain mask (given mask, else the non-zero voxels of a brain-extracted T1) and the normalised brain."""
     name = f"{subject.source}: " if subject.source is not None else ""
     if mask is not None:
-        if mask.shape != subject.shape or not np.allclose(mask.affine, subject.affine, atol=1e-3):
+        if not same_grid(mask, subject):
             raise AtlasMorphError(
                 f"{name}the mask is on another grid than the image "
                 f"({grid_difference(mask.shape, mask.affine, subject.shape, subject.affine)}); "
@@ -227,10 +164,10 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 
 
 @torch.no_grad()
-def register(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volume | None = None,
+def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volume | None = None,
              refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR) -> Registration:
     """Affine + deformable registration of a subject to its attribute-matched template; `refine` > 0
-    adds that many instance-optimisation steps (Adam, `refine_lr`) on the RegNet's velocity (refine.py)."""
+    adds that many instance-optimisation steps (Adam, `refine_lr`) on the RegNet's velocity (inference.refine)."""
     tmpl = make_template(model, attrs)
     m, brain = subject_brain(subject, mask)
     fixed = tmpl.t1 * (tmpl.probs[0] < 0.5)
@@ -251,17 +188,25 @@ def refine_weights(model: AtlasMorph) -> dict:
             "image_loss": model.config.training.get("image_loss", "mse"), "int_steps": model.config.int_steps}
 
 
-def load(path: Path | None, threads: int | None = None) -> tuple[Path, AtlasMorph]:
-    """Resolve and load a model (the shipped one by default, checksum-verified), setting torch's threads."""
-    if threads:
-        torch.set_num_threads(threads)
-    p = resolve_model(path)
-    if is_shipped(p):
-        verify_shipped(p)  # its sha256 must match models/<name>.sha256
-    check_model_config(read_config(p), p)  # before building it: int_steps, grid and widths in range
-    model = load_model(p)
-    bad = [n for n, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    if bad:
-        raise AtlasMorphError(f"{p}: the model has NaN/Inf weights ({len(bad)} tensors, e.g. {bad[0]}); "
-                              "it cannot give meaningful outputs (a diverged training run?)")
-    return p, model
+def save_native_probs(reg, path: Path | str) -> Path:
+    """The template's label probabilities in the subject's space (background + 34 frames), streamed.
+
+    The native-to-template coordinates are computed once (12 bytes per native voxel); each frame is
+    then sampled slab by slab and written. Frame 0 (background) also takes what lies outside the
+    template grid: 1 - the sum of the structure frames, as `Registration.probs_to_native` does.
+    """
+    shape, aff = reg.subject.shape, reg.subject.affine
+    coords = torch.empty((1, 3, *shape), dtype=torch.float32)
+    for rows in _slabs(shape):
+        coords[:, :, rows] = reg.native_to_template_coords(shape, aff, rows)
+    probs = torch.from_numpy(np.ascontiguousarray(reg.template.probs, dtype=np.float32))
+    structures = probs[1:].sum(0)
+
+    def frame(c: int) -> np.ndarray:
+        src = (probs[c] if c else structures)[None, None]
+        out = np.empty(shape, dtype=np.float32)
+        for rows in _slabs(shape):
+            out[rows] = sample_at(src, coords[:, :, rows], padding_mode="zeros")[0, 0].numpy()
+        return out if c else 1.0 - out
+
+    return save_frames(path, shape, probs.shape[0], aff, frame)

@@ -1,7 +1,7 @@
 """nipype interfaces for `atlasmorph template`, `register` and `segment`.
 
 Why command-line wrappers (``CommandLine``) and not in-process ``BaseInterface`` calls into
-`pipeline`:
+`cli.run`:
 
 * Process isolation. Each node is its own process: torch's thread pool is sized by ``--threads``
   (``num_threads``) and does not fight the other MultiProc workers for the cores, the memory of a

@@ -1,6 +1,6 @@
 """A ready nipype workflow: register and segment every subject of a cohort, one volumes CSV at the end.
 
-    from atlasmorph_cli.workflows import build_workflow
+    from atlasmorph_cli.interfaces.workflows import build_workflow
 
     wf = build_workflow(model="model.safetensors", threads=1, masks=True, base_dir="work")
     wf.inputs.inputnode.in_file = ["s01_T1.nii.gz", "s02_T1.nii.gz"]
@@ -71,7 +71,7 @@ def build_workflow(
     """A workflow registering and segmenting each subject given to its ``inputnode``.
 
     inputnode fields (lists of equal length): ``in_file`` (T1 images: whole-head ones are brain-extracted
-    by each command, skull-stripped ones are used as they are, see brain_extraction.py),
+    by each command, skull-stripped ones are used as they are, see inference.brain_extraction),
     ``age``, ``sex``, ``mask_file`` (only read with ``masks=True``) and optional ``subject_id``.
     ``model``: model file (default: the shipped model); ``threads``: torch threads per process (the
     nodes' n_procs for MultiProc); ``warp_format``: fs or itk; ``use_gpu``: MultiProc GPU-slot hint only.

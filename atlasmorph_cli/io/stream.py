@@ -1,10 +1,10 @@
-"""4D outputs written one frame at a time, so memory does not grow with the number of frames.
+"""A 4D image written one frame at a time, so memory does not grow with the number of frames.
 
 `segment --probs` on a 1 mm 256 x 256 x 180 image has 35 frames of 11.8 M voxels: 1.65 GB as one
 float32 array, held twice while nibabel wrote it (4.1 GB peak). NIfTI and MGH store the frame axis
 last in Fortran order, i.e. frame after frame on disk, so `save_frames` writes the header, then each
 frame as soon as it is computed, then (MGH) the footer: the same bytes as nibabel writes for the
-whole array (checked by a test), through `io.atomic_path` as every output.
+whole array (checked by a test), through `io.volumes.atomic_path` as every output.
 """
 from __future__ import annotations
 
@@ -13,14 +13,10 @@ from typing import Callable
 
 import nibabel as nib
 import numpy as np
-import torch
 from nibabel.openers import ImageOpener
 from nibabel.volumeutils import seek_tell
 
 from .volumes import atomic_path, suffix_of
-from ..model.layers import sample_at
-
-CHUNK_VOXELS = 1 << 20
 
 
 def save_frames(path: Path | str, shape: tuple[int, int, int], n_frames: int, affine: np.ndarray,
@@ -56,32 +52,3 @@ def save_frames(path: Path | str, shape: tuple[int, int, int], n_frames: int, af
         if suffix == ".mgz":
             hdr.writeftr_to(fh)
     return path
-
-
-def _slabs(shape) -> list[slice]:
-    step = max(1, CHUNK_VOXELS // max(1, int(np.prod(shape[1:]))))
-    return [slice(i, min(i + step, shape[0])) for i in range(0, shape[0], step)]
-
-
-def save_native_probs(reg, path: Path | str) -> Path:
-    """The template's label probabilities in the subject's space (background + 34 frames), streamed.
-
-    The native-to-template coordinates are computed once (12 bytes per native voxel); each frame is
-    then sampled slab by slab and written. Frame 0 (background) also takes what lies outside the
-    template grid: 1 - the sum of the structure frames, as `Registration.probs_to_native` does.
-    """
-    shape, aff = reg.subject.shape, reg.subject.affine
-    coords = torch.empty((1, 3, *shape), dtype=torch.float32)
-    for rows in _slabs(shape):
-        coords[:, :, rows] = reg.native_to_template_coords(shape, aff, rows)
-    probs = torch.from_numpy(np.ascontiguousarray(reg.template.probs, dtype=np.float32))
-    structures = probs[1:].sum(0)
-
-    def frame(c: int) -> np.ndarray:
-        src = (probs[c] if c else structures)[None, None]
-        out = np.empty(shape, dtype=np.float32)
-        for rows in _slabs(shape):
-            out[rows] = sample_at(src, coords[:, :, rows], padding_mode="zeros")[0, 0].numpy()
-        return out if c else 1.0 - out
-
-    return save_frames(path, shape, probs.shape[0], aff, frame)

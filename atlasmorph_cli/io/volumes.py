@@ -55,6 +55,20 @@ def suffix_of(path: Path | str) -> str:
     raise AtlasMorphError(f"{path}: unsupported file type (use one of {', '.join(SUFFIXES)})")
 
 
+def image_stem(path: Path | str) -> str:
+    """The file name without its image suffix (any case): 'sub-01_T1w.nii.gz' -> 'sub-01_T1w'."""
+    name = Path(path).name
+    for s in SUFFIXES:
+        if name.lower().endswith(s):
+            return name[: -len(s)]
+    return name
+
+
+def same_grid(a: Volume, b: Volume) -> bool:
+    """Whether two volumes lie on one voxel grid (same shape, affines equal within 1e-3)."""
+    return a.shape == b.shape and np.allclose(a.affine, b.affine, atol=1e-3)
+
+
 def check_affine(affine: np.ndarray, where: str) -> None:
     """Refuse affines that are not finite, singular, or with absurd voxel sizes."""
     if not np.all(np.isfinite(affine)):

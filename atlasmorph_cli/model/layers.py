@@ -1,4 +1,4 @@
-"""Spatial layers: sampling, warping, velocity integration, composition, resizing and Jacobians.
+"""Spatial layers: sampling, warping, velocity integration, resizing and Jacobians.
 
 Conventions: volumes are (B, C, X, Y, Z) with X, Y, Z the voxel axes i, j, k. Displacement and
 velocity fields are (B, 3, X, Y, Z) in voxel units of the grid they live on; channel 0 moves along i,
@@ -71,16 +71,6 @@ def warp(
         raise ValueError(f"volume grid {tuple(vol.shape[2:])} != field grid {tuple(disp.shape[2:])}")
     coords = identity_grid(disp.shape[2:], disp.device, disp.dtype).unsqueeze(0) + disp
     return sample_at(vol, coords, mode, padding_mode)
-
-
-def compose(
-    disp_a: torch.Tensor, disp_b: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
-) -> torch.Tensor:
-    """Displacement of phi_a o phi_b, i.e. x -> x + b(x) + a(x + b(x)): b is applied first, then a.
-
-    So warp(warp(vol, a), b) ~= warp(vol, compose(a, b)).
-    """
-    return disp_b + warp(disp_a, disp_b, mode, padding_mode)
 
 
 def integrate_velocity(vel: torch.Tensor, steps: int = 7) -> torch.Tensor:

@@ -1,18 +1,18 @@
-"""Training losses: image and label matching, smoothness priors and the centrality term.
+"""Loss functions and the image-loss registry: image and label matching, smoothness priors, centrality.
 
-Each loss is a pure function returning a scalar tensor (lower is better). The two stateful helpers,
-`CentralityMemory` and `RunningMean`, keep their state in buffers so it travels with checkpoints.
+Each loss is a pure function returning a scalar tensor (lower is better). The centrality term reads a
+memory of every training subject's last displacement that the training loop keeps (and checkpoints).
+`get_image_loss(name)` is the one place an image-similarity name (`--image-loss`, a model's recorded
+training settings) becomes a function; an unknown name is an error.
 """
 from __future__ import annotations
 
-import itertools
-from typing import Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .layers import identity_grid
+from ..errors import AtlasMorphError
 
 
 def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -44,6 +44,18 @@ def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e
     return -(cov**2 / (var_a * var_b + eps)).mean()
 
 
+ImageLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+IMAGE_LOSSES: dict[str, ImageLoss] = {"mse": mse, "ncc": local_ncc}
+
+
+def get_image_loss(name: str) -> ImageLoss:
+    """The image-similarity loss called `name` (mse or ncc); any other name is an error, not a silent default."""
+    try:
+        return IMAGE_LOSSES[name]
+    except KeyError:
+        raise AtlasMorphError(f"unknown image loss '{name}' (choose from {', '.join(IMAGE_LOSSES)})") from None
+
+
 def soft_dice(
     probs: torch.Tensor, onehot: torch.Tensor, exclude_background: bool = True, eps: float = 1e-6
 ) -> torch.Tensor:
@@ -69,88 +81,6 @@ def _present_dice_loss(inter: torch.Tensor, mass: torch.Tensor, count: torch.Ten
         return mass.sum() * 0.0
     dice = (2.0 * inter + eps) / (mass + count + eps)
     return 1.0 - dice[present].mean()
-
-
-def _trilinear_corners(disp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat voxel indices (B, 8, V) and weights (B, 8, V) of the trilinear corners sampled at x + disp(x).
-
-    Border padding as warp(): coordinates are clamped into the volume (no gradient outside it).
-    """
-    shape = disp.shape[2:]
-    coords = identity_grid(shape, disp.device, disp.dtype).unsqueeze(0) + disp
-    axes = []
-    for a, n in enumerate(shape):
-        c = coords[:, a].clamp(0, n - 1).flatten(1)
-        i0 = c.detach().floor()
-        axes.append((i0.long(), (i0 + 1).clamp(max=n - 1).long(), c - i0))
-    strides = (shape[1] * shape[2], shape[2], 1)
-    idx, wts = [], []
-    for bits in itertools.product((0, 1), repeat=3):
-        i, w = 0, 1.0
-        for (i0, i1, f), bit, st in zip(axes, bits, strides):
-            i = i + (i1 if bit else i0) * st
-            w = w * (f if bit else 1.0 - f)
-        idx.append(i)
-        wts.append(w)
-    return torch.stack(idx, 1), torch.stack(wts, 1)
-
-
-class _GatherAndMass(torch.autograd.Function):
-    """(probs (B, C, V), idx (B, K), rho (B, V)) -> (probs.flat[idx] (B, K), sum_v probs * rho (B, C)).
-
-    Hand-written backward: the dense gradient for probs is written once and the sparse part added in
-    place, instead of autograd's zero-fill + scatter + add of two full C x V tensors.
-    """
-
-    @staticmethod
-    def forward(ctx, probs: torch.Tensor, idx: torch.Tensor, rho: torch.Tensor):
-        ctx.save_for_backward(probs, idx, rho)
-        b = probs.shape[0]
-        return probs.reshape(b, -1).gather(1, idx), torch.einsum("bcv,bv->bc", probs, rho)
-
-    @staticmethod
-    def backward(ctx, g_gathered: torch.Tensor, g_mass: torch.Tensor):
-        probs, idx, rho = ctx.saved_tensors
-        grad_probs = grad_rho = None
-        if ctx.needs_input_grad[0]:
-            grad_probs = g_mass[:, :, None] * rho[:, None, :]
-            grad_probs.view(probs.shape[0], -1).scatter_add_(1, idx, g_gathered)
-        if ctx.needs_input_grad[2]:
-            grad_rho = torch.einsum("bc,bcv->bv", g_mass, probs)
-        return grad_probs, None, grad_rho
-
-
-def warped_soft_dice(
-    probs: torch.Tensor,
-    disp: torch.Tensor,
-    labels: torch.Tensor,
-    exclude_background: bool = True,
-    eps: float = 1e-6,
-) -> torch.Tensor:
-    """soft_dice(warp(probs, disp), one_hot(labels)) computed without building the warped C-channel volume.
-
-    probs (B, C, X, Y, Z) in the template frame, disp (B, 3, X, Y, Z) the pull-back field of warp(),
-    labels (B, X, Y, Z) integer classes of the subject. Per voxel only the subject's own class is
-    sampled (8 gathers), and sum_x warp(p_c)(x) = sum_y p_c(y) rho(y) with rho the trilinear weights
-    splatted onto the template grid; identical to the full warp (bilinear, border padding) up to rounding
-    but several times cheaper for 35 classes on a CPU.
-    """
-    b, c = probs.shape[:2]
-    nvox = probs[0, 0].numel()
-    if disp.shape[0] != b:
-        disp = disp.expand(b, *disp.shape[1:])
-    lab = labels.reshape(b, nvox).long()
-    idx, w = _trilinear_corners(disp)  # (B, 8, V) each
-    rho = torch.zeros(b, nvox, dtype=w.dtype, device=w.device).scatter_add(1, idx.flatten(1), w.flatten(1))
-    flat_idx = (lab.unsqueeze(1) * nvox + idx).flatten(1)
-    gathered, mass = _GatherAndMass.apply(probs.reshape(b, c, nvox), flat_idx, rho)
-    picked = (w * gathered.view(b, 8, nvox)).sum(1)  # warp(p_{label(x)})(x)
-    zeros = torch.zeros(b, c, dtype=probs.dtype, device=probs.device)
-    inter = zeros.scatter_add(1, lab, picked)
-    count = zeros.scatter_add(1, lab, torch.ones_like(picked))
-    if exclude_background:
-        inter, mass, count = inter[:, 1:], mass[:, 1:], count[:, 1:]
-    return _present_dice_loss(inter, mass, count, eps)
 
 
 def gradient_l2(field: torch.Tensor) -> torch.Tensor:
@@ -204,64 +134,3 @@ def centrality_loss(
     others = (w @ mem_fields.detach().reshape(n, -1)).view_as(disp_lowres)
     mean = (disp_lowres + others) / (1.0 + w.sum(1)).view(b, 1, 1, 1, 1)
     return (mean**2).sum(1).mean()
-
-
-class CentralityMemory(nn.Module):
-    """Last-seen low-resolution displacement and attributes of every training subject (checkpointed)."""
-
-    def __init__(self, n_subjects: int, shape: Sequence[int], n_attrs: int, dtype: torch.dtype = torch.float32):
-        super().__init__()
-        self.register_buffer("fields", torch.zeros(n_subjects, 3, *shape, dtype=dtype))
-        self.register_buffer("attrs", torch.zeros(n_subjects, n_attrs, dtype=dtype))
-        self.register_buffer("filled", torch.zeros(n_subjects, dtype=torch.bool))
-
-    @torch.no_grad()
-    def update(self, idx: torch.Tensor, disp_lowres: torch.Tensor, attrs: torch.Tensor) -> None:
-        """Store (detached) the displacements and attributes of subjects idx (B,)."""
-        idx = torch.as_tensor(idx, device=self.fields.device, dtype=torch.long).view(-1)
-        self.fields[idx] = disp_lowres.detach().to(self.fields.dtype)
-        self.attrs[idx] = attrs.detach().to(self.attrs.dtype)
-        self.filled[idx] = True
-
-    def loss(
-        self, disp_lowres: torch.Tensor, attrs: torch.Tensor, self_idx: torch.Tensor | None, bandwidth: float
-    ) -> torch.Tensor:
-        """centrality_loss against this memory."""
-        return centrality_loss(
-            disp_lowres, attrs, self.fields.to(disp_lowres.dtype), self.attrs, self.filled, self_idx, bandwidth
-        )
-
-
-def running_mean_step(
-    mean: torch.Tensor, count: torch.Tensor | float, disp: torch.Tensor, cap: int = 100
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dalca 2019's "mean stream": returns (new_mean, new_count, penalty).
-
-    count += B; alpha = B / min(count, cap); new_mean = (1 - alpha) mean + alpha batch_mean(disp);
-    penalty = mean_voxels(||min(1, count / cap) new_mean||^2), ramping in over the first `cap` samples.
-    Gradient flows through disp only (with weight alpha); store new_mean.detach() for the next step.
-    """
-    bsz = disp.shape[0]
-    count = torch.as_tensor(count, dtype=disp.dtype, device=disp.device) + bsz
-    alpha = bsz / torch.clamp(count, max=float(cap))
-    new_mean = (1.0 - alpha) * mean.detach() + alpha * disp.mean(0, keepdim=True)
-    ramp = torch.clamp(count / float(cap), max=1.0)
-    return new_mean, count, ((ramp * new_mean) ** 2).sum(1).mean()
-
-
-class RunningMean(nn.Module):
-    """Stateful mean-stream centrality term; calling it (in training mode) updates the mean and returns the penalty."""
-
-    def __init__(self, shape: Sequence[int], cap: int = 100):
-        super().__init__()
-        self.cap = int(cap)
-        self.register_buffer("mean", torch.zeros(1, 3, *shape))
-        self.register_buffer("count", torch.zeros(()))
-
-    def forward(self, disp: torch.Tensor) -> torch.Tensor:
-        """Penalty for displacements disp (B, 3, x, y, z); state is only updated in training mode."""
-        new_mean, count, penalty = running_mean_step(self.mean.to(disp.dtype), self.count, disp, self.cap)
-        if self.training:
-            self.mean.copy_(new_mean.detach())
-            self.count.copy_(count.detach())
-        return penalty

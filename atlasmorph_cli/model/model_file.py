@@ -1,14 +1,12 @@
-"""AtlasMorph = TemplateNet (attributes -> T1 + label template) + RegNet (subject, template -> warp).
+"""The AtlasMorph model (template network + registration network), its configuration and its safetensors file.
 
 A model file is a safetensors file whose metadata holds the whole configuration (architecture,
 model grid, attribute encoding, label table, loss weights, versions), so the file alone rebuilds
 the model. Loading never unpickles: pickle-based files (.pt/.pth/.pkl/.ckpt, torch.save zips) are
-refused before anything reads them. A shipped model (models/) must match the sha256 in the one-line
-file beside it, `models/<name>.sha256` (`<hex>  <file name>`, as `sha256sum` writes it).
+refused before anything reads them. Which file to use and its checksum: shipped.py.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -68,14 +66,15 @@ class AtlasMorph(torch.nn.Module):
         shape = tuple(config.grid["shape"])
         self.template_net = TemplateNet(config.encoder.width, shape, config.n_classes, config.template_width,
                                         deform=config.template_deform, int_steps=config.int_steps)
-        self.reg_net = RegNet(2, tuple(config.reg_enc), tuple(config.reg_dec), config.int_steps)
+        self.reg_net = RegNet(2, tuple(config.reg_enc), tuple(config.reg_dec))
 
     def template(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Template T1 (B,1,...) and label logits (B,C,...) for encoded attributes (B, A)."""
         return TemplateNet.split(self.template_net(attrs))
 
-    def register(self, subject: torch.Tensor, template_t1: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Velocity and displacements between a subject and a template, both on the model grid.
+    def predict_warps(self, subject: torch.Tensor, template_t1: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The registration network's velocity and displacements between a subject and a template, both
+        on the model grid (`vel`, `fwd`, `inv`, `fwd_half`: see networks.velocity_to_displacements).
 
         `fwd` warps the template into the subject's frame; `inv` warps the subject into the template's.
         """
@@ -172,49 +171,3 @@ def load_model(path: Path | str, device: str = "cpu") -> AtlasMorph:
     except RuntimeError as exc:
         raise AtlasMorphError(f"{path}: weights do not match the stored configuration ({exc})") from exc
     return model.to(device).eval()
-
-
-def sha256(path: Path | str) -> str:
-    """sha256 of a file, as printed in the model card."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def checksum_file(path: Path | str) -> Path:
-    """Where a shipped model's checksum lives: models/<name>.sha256 beside models/<name>.safetensors."""
-    path = Path(path)
-    return path.with_name(_stem(path) + ".sha256")
-
-
-def _stem(path: Path) -> str:
-    return path.name[: -len(".safetensors")] if path.name.endswith(".safetensors") else path.stem
-
-
-def verify_shipped(path: Path | str) -> str:
-    """Check a shipped model against `<name>.sha256` beside it; returns the digest, raises on any doubt.
-
-    The checksum file is one line as `sha256sum` writes it: `<64 hex digits>  <file name>`. A missing
-    or malformed checksum file, a different file name or a different digest are all errors: a shipped
-    model is never used unverified.
-    """
-    path = Path(path)
-    sums = checksum_file(path)
-    if not sums.is_file():
-        raise AtlasMorphError(f"{path}: shipped model has no checksum file {sums.name}; the installation is incomplete")
-    fields = sums.read_text().split()
-    digest = fields[0].lower() if fields else ""
-    name = fields[1].lstrip("*") if len(fields) > 1 else path.name
-    if len(fields) not in (1, 2) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
-        raise AtlasMorphError(f"{sums}: not a sha256 checksum line ('<64 hex digits>  {path.name}')")
-    if name != path.name:
-        raise AtlasMorphError(f"{sums}: lists '{name}', not '{path.name}'")
-    actual = sha256(path)
-    if actual != digest:
-        raise AtlasMorphError(
-            f"{path}: sha256 {actual[:12]}... does not match {digest[:12]}... in {sums.name}; the model file is "
-            "corrupt or was replaced (reinstall atlasmorph)"
-        )
-    return actual

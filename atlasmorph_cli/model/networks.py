@@ -145,16 +145,17 @@ class TemplateNet(nn.Module):
 
 
 def velocity_to_displacements(
-    vel_half: torch.Tensor, steps: int = 7
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integrate +vel and -vel at half resolution; returns (fwd_full, inv_full, fwd_half).
+    vel_half: torch.Tensor, steps: int = 7, *, inverse: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """The one velocity -> displacement path: integrate +vel (and -vel) at half resolution; returns
+    (fwd_full, inv_full, fwd_half), inv_full None with `inverse=False` (refinement needs no inverse).
 
     fwd warps the TEMPLATE into the subject's frame (warp(template, fwd_full)); inv warps the subject
     into the template's frame. Full-resolution fields are resized x2 with vectors doubled.
     """
     fwd_half = integrate_velocity(vel_half, steps)
-    inv_half = integrate_velocity(-vel_half, steps)
-    return resize_field(fwd_half, 2.0), resize_field(inv_half, 2.0), fwd_half
+    inv_full = resize_field(integrate_velocity(-vel_half, steps), 2.0) if inverse else None
+    return resize_field(fwd_half, 2.0), inv_full, fwd_half
 
 
 class RegNet(nn.Module):
@@ -172,12 +173,10 @@ class RegNet(nn.Module):
         in_channels: int = 2,
         enc: Sequence[int] = (0, 32, 32, 32),
         dec: Sequence[int] = (32, 32, 16),
-        int_steps: int = 7,
     ):
         super().__init__()
         if len(enc) != 4 or len(dec) != 3:
             raise ValueError("RegNet needs 4 encoder and 3 decoder widths")
-        self.int_steps = int(int_steps)
         self.enc0 = conv_block(in_channels, enc[0]) if enc[0] > 0 else nn.Identity()
         widths = (enc[0] if enc[0] > 0 else in_channels, *enc[1:])
         self.down = nn.ModuleList(conv_block(widths[i], widths[i + 1], stride=2) for i in range(3))
@@ -199,12 +198,6 @@ class RegNet(nn.Module):
             x = F.interpolate(x, size=skip.shape[2:], mode="nearest")
             x = block(torch.cat([x, skip], dim=1))
         return self.flow(x)
-
-    def velocity_to_displacements(
-        self, vel_half: torch.Tensor, steps: int | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(fwd_full, inv_full, fwd_half) from a half-resolution velocity; see the module function."""
-        return velocity_to_displacements(vel_half, self.int_steps if steps is None else steps)
 
 
 def n_params(module: nn.Module) -> int:

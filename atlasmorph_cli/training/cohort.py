@@ -19,7 +19,7 @@ import numpy as np
 from ..geometry.affine import fit_affine
 from ..errors import AtlasMorphError
 from ..geometry.intensity import normalize
-from ..io.volumes import Volume, load_volume
+from ..io.volumes import Volume, image_stem, load_volume, same_grid
 from ..labels import to_index
 from ..progress import progress_bar
 from ..geometry.space import MODEL_GRID, Grid, resample, resample_labels
@@ -44,8 +44,11 @@ class Subject:
         return f"row {self.row} ({self.id})"
 
 
-def read_cohort(csv_path: Path | str) -> list[Subject]:
-    """Parse and check a cohort CSV; a missing column or file is an error naming the row."""
+def read_cohort(csv_path: Path | str, check_files: bool = True) -> list[Subject]:
+    """Parse and check a cohort CSV (training and batch mode read it here): UTF-8 with or without a BOM,
+    a `t1` column, unique subject ids (the id column, else the image's file name without its suffix). A
+    missing column, an empty `t1`, a duplicate id or (with `check_files`) a missing file is an error
+    naming the row; batch mode checks the files as it processes each subject instead."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
         raise AtlasMorphError(f"{csv_path}: no such cohort file")
@@ -64,12 +67,12 @@ def read_cohort(csv_path: Path | str) -> list[Subject]:
     subjects, seen = [], set()
     for n, r in enumerate(rows, start=1):
         paths = {c: (csv_path.parent / r[c]) if r.get(c) else None for c in PATH_COLUMNS}
-        sid = r[id_col] if id_col and r.get(id_col) else _stem(r.get("t1") or f"row{n}")
+        sid = r[id_col] if id_col and r.get(id_col) else image_stem(r.get("t1") or f"row{n}")
         where = f"{csv_path}: row {n} ({sid})"
         if paths["t1"] is None:
             raise AtlasMorphError(f"{where}: empty 't1'")
         for c, p in paths.items():
-            if p is not None and not p.is_file():
+            if check_files and p is not None and not p.is_file():
                 raise AtlasMorphError(f"{where}: {c} file not found: {p}")
         if sid in seen:
             raise AtlasMorphError(f"{where}: duplicate subject id '{sid}'")
@@ -106,19 +109,11 @@ def _is_number(v: str) -> bool:
         return False
 
 
-def _stem(path: str) -> str:
-    name = Path(path).name
-    for s in (".nii.gz", ".nii", ".mgz"):
-        if name.endswith(s):
-            return name[: -len(s)]
-    return name
-
-
 def brain_mask(t1: Volume, seg: Volume | None, mask: Volume | None, where: str) -> np.ndarray:
     """The brain mask: explicit mask, else seg > 0, else the non-zero voxels (brain-extracted input)."""
     m = mask if mask is not None else seg
     if m is not None:
-        if m.shape != t1.shape or not np.allclose(m.affine, t1.affine, atol=1e-3):
+        if not same_grid(m, t1):
             kind = "mask" if mask is not None else "seg"
             raise AtlasMorphError(f"{where}: the {kind} is on another grid than the T1 ({m.shape} vs {t1.shape})")
         out = m.data > 0

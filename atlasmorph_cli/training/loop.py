@@ -1,4 +1,4 @@
-"""Training loop: cohort -> model space -> networks -> losses; validation, checkpoints, resume, DDP.
+"""The training loop and its distribution: cohort -> model space -> steps -> checkpoints -> model file (DDP).
 
 Every step draws a batch with a seeded generator whose state is checkpointed together with the
 weights, the optimiser and the centrality memory, so `--resume` continues exactly where a killed
@@ -18,25 +18,21 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.progress import TextColumn
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from ..model.attributes import AttributeEncoder
-from .augment import augment
-from . import runs
-from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from ..errors import AtlasMorphError
-from ..io.volumes import atomic_path, canonical_safetensors
-from ..labels import N_CLASSES
-from ..model.loss_weights import LossWeights
-from .metrics import dice_per_structure
-from ..model.model_file import AtlasMorph, ModelConfig, load_model, save_model
-from ..model import losses
-from ..model.layers import warp
-from ..progress import progress_bar
 from ..geometry.space import MODEL_GRID, Grid
+from ..io.volumes import atomic_path
+from ..model.attributes import AttributeEncoder
+from ..model.loss_weights import LossWeights
+from ..model.model_file import AtlasMorph, ModelConfig, load_model, save_model
+from ..progress import progress_bar
+from . import runs
+from .augment import augment
+from .checkpoints import load_checkpoint, save_checkpoint
+from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
+from .split import apply_split, read_split, split_subjects, usable_subjects
+from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_template_shape, validate
 
 
 @dataclass
@@ -74,151 +70,6 @@ class TrainSettings:
     grid: Grid = MODEL_GRID  # tests use a smaller grid; shipped models use MODEL_GRID
 
 
-def split_subjects(subjects: list[Subject], fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
-    """Hold out a fraction of subjects for validation, chosen by a seeded permutation of ids."""
-    ids = sorted(s.id for s in subjects)
-    rng = np.random.default_rng(seed)
-    n_val = int(round(fraction * len(ids))) if fraction > 0 else 0
-    if len(ids) - n_val < 1:
-        raise AtlasMorphError("not enough subjects left for training after the validation split")
-    val = set(rng.permutation(ids)[:n_val].tolist())
-    return [s for s in subjects if s.id not in val], [s for s in subjects if s.id in val]
-
-
-def read_split(path: Path) -> dict[str, list[str]]:
-    """The train and validation subject ids of a split.json (as `atlasmorph train` writes it)."""
-    try:
-        d = json.loads(Path(path).read_text())
-        out = {k: [str(x) for x in d[k]] for k in ("train", "validation")}
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise AtlasMorphError(f"{path}: not a split.json with 'train' and 'validation' lists ({type(exc).__name__})")
-    both = set(out["train"]) & set(out["validation"])
-    if both:
-        raise AtlasMorphError(f"{path}: {len(both)} subject(s) in both train and validation, e.g. {sorted(both)[0]}")
-    return out
-
-
-def apply_split(subjects: list[Subject], split: dict[str, list[str]]) -> tuple[list[Subject], list[Subject]]:
-    """Train and validation subjects as a given split names them; subjects it does not name are left out."""
-    have = {s.id for s in subjects}
-    missing = [i for i in split["train"] + split["validation"] if i not in have]
-    if missing:
-        raise AtlasMorphError(f"--split names {len(missing)} subject(s) the cohort lacks or that miss an attribute, "
-                              f"e.g. {missing[0]}")
-    train, val = set(split["train"]), set(split["validation"])
-    if not train:
-        raise AtlasMorphError("--split: no training subject")
-    return [s for s in subjects if s.id in train], [s for s in subjects if s.id in val]
-
-
-def usable_subjects(subjects: list[Subject], names: list[str]) -> tuple[list[Subject], list[Subject]]:
-    """Subjects with every training attribute filled in, and those left out for lacking one."""
-    if subjects and names:
-        missing = [n for n in names if n not in subjects[0].attrs]
-        if missing:
-            raise AtlasMorphError(f"the cohort has no column {', '.join(repr(m) for m in missing)} (its attribute "
-                                  f"columns: {', '.join(subjects[0].attrs) or 'none'}; choose with --attributes)")
-    ok = [s for s in subjects if all(s.attrs.get(n, "") != "" for n in names)]
-    return ok, [s for s in subjects if s not in ok]
-
-
-def label_frequencies(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
-    """Voxel-wise label frequencies (n, X, Y, Z) over subjects, one subject at a time to bound memory."""
-    if labels.shape[0] == 0:
-        return torch.full((n, *labels.shape[1:]), 1.0 / n)
-    counts = torch.zeros(n, *labels.shape[1:])
-    for lab in labels:
-        counts += F.one_hot(lab.long(), n).permute(3, 0, 1, 2)
-    return counts / labels.shape[0]
-
-
-def one_hot(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
-    """(B, X, Y, Z) integer labels -> (B, n, X, Y, Z) float one-hot."""
-    return F.one_hot(labels.long(), n).permute(0, 4, 1, 2, 3).float()
-
-
-def quarter_velocity(vel_half: torch.Tensor) -> torch.Tensor:
-    """A half-resolution velocity (half-grid voxels) averaged to quarter resolution, in quarter-grid voxels."""
-    return F.avg_pool3d(vel_half, 2) / 2.0
-
-
-def shape_target(model: AtlasMorph, attrs: torch.Tensor, reg_vel: torch.Tensor) -> torch.Tensor:
-    """A subject's deformation target w(a) + v (quarter resolution, detached): its template's velocity plus
-    the registration network's velocity from that template to the subject (its shape relative to the base)."""
-    return (model.template_net.velocity_quarter(attrs) + quarter_velocity(reg_vel)).detach()
-
-
-@torch.no_grad()
-def fill_shape_memory(model: AtlasMorph, t1: torch.Tensor, attrs: torch.Tensor, memory: dict, idx: torch.Tensor,
-                      batch: int = 4) -> None:
-    """Template-velocity targets w(a) + v of subjects idx from the current networks (before the first step),
-    so the deformable template's regression starts from every subject instead of filling up over an epoch."""
-    was = model.training
-    model.eval()
-    dev = memory["shape"].device
-    for k in range(0, len(idx), batch):
-        sel = idx[k : k + batch]
-        a = attrs[sel].to(dev)
-        tmpl = model.template_net.forward_train(a)
-        reg = model.register(t1[sel, None].to(dev), tmpl["t1"])
-        memory["shape"][sel.to(dev)] = shape_target(model, a, reg["vel"])
-        memory["shape_filled"][sel.to(dev)] = True
-    model.train(was)
-
-
-@torch.no_grad()
-def refit_template_shape(model: AtlasMorph, memory: dict) -> None:
-    """Set the deformable template's coefficients to the regression of the stored targets w(a_i) + v_i on the
-    attributes (summed over ranks under DDP, so every rank gets the same template): each template moves to
-    the centre of the subjects with its attributes, as a classical template build averages the warps."""
-    keep = memory["shape_filled"]
-    gram, cross = model.template_net.shape_normal_equations(memory["attrs"][keep], memory["shape"][keep])
-    if dist.is_initialized():
-        dist.all_reduce(gram)
-        dist.all_reduce(cross)
-    if float(gram[0, 0]) > 0:  # at least one subject stored
-        model.template_net.fit_shape(gram, cross)
-
-
-class TrainingStep(torch.nn.Module):
-    """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
-
-    def __init__(self, model: AtlasMorph, settings: TrainSettings):
-        super().__init__()
-        self.model = model
-        self.w = settings.weights
-        self.image_loss = losses.mse if settings.image_loss == "mse" else losses.local_ncc
-        self.bandwidth = settings.bandwidth
-
-    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
-        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented).
-        Also returns, with a deformable template, each subject's deformation target w(a) + v (detached)."""
-        tmpl = self.model.template_net.forward_train(attrs)
-        t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
-        reg = self.model.register(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
-        terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
-        target = None
-        if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w is refitted toward w + v
-            target = shape_target(self.model, attrs, reg["vel"])
-            terms["off_centre"] = (quarter_velocity(reg["vel"].detach()) ** 2).sum(1).mean()  # what the next refit moves
-        if self.w.image_inverse:
-            terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
-        if has_labels.any():
-            sel = has_labels.nonzero().flatten()
-            probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
-            terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
-        terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
-        terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
-        low = F.avg_pool3d(reg["fwd_half"], 2)
-        terms["centrality"] = losses.centrality_loss(
-            low, attrs, mem_fields, mem_attrs, mem_filled, idx, self.bandwidth
-        )
-        weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
-                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
-        total = sum(weights[k] * v for k, v in terms.items() if k in weights)
-        return total, terms, low.detach(), target
-
-
 def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
     """Copy a model's weights into `model`; a template deformation the init lacks starts at zero (the
     identity), so fine-tuning a v1 model into a deformable template starts from v1 exactly."""
@@ -226,73 +77,6 @@ def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
     new = [k for k in missing if k not in ("template_net.shape_coef", "template_net.attr_lo", "template_net.attr_hi")]
     if unexpected or new:
         raise AtlasMorphError(f"--init: the model's weights do not fit this network ({(unexpected or new)[0]})")
-
-
-# ----------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(path: Path, model, optimizer, gen: torch.Generator, step: int, memory: dict,
-                    history: list[dict], settings_json: str) -> None:
-    """Weights, optimiser state, sampler RNG, centrality memory and history, atomically, no pickle."""
-    tensors = {f"model.{k}": v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    opt = optimizer.state_dict()
-    for pid, st in opt["state"].items():
-        for k, v in st.items():
-            tensors[f"opt.{pid}.{k}"] = torch.as_tensor(v).detach().contiguous().cpu()
-    tensors["rng"] = gen.get_state()
-    for k, v in memory.items():
-        tensors[f"mem.{k}"] = v.contiguous().cpu()
-    meta = {"step": str(step), "history": json.dumps(history), "settings": settings_json,
-            "config": json.dumps(asdict(model.config)), "opt_groups": json.dumps(opt["param_groups"])}
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=meta)
-        canonical_safetensors(tmp)
-
-
-def load_checkpoint(path: Path, model, optimizer, gen: torch.Generator, memory: dict) -> tuple[int, list[dict]]:
-    """Restore what save_checkpoint wrote; returns (step, history). A damaged checkpoint, or one written
-    with other settings (attributes, network width, cohort), is an error, not a silent fresh start."""
-    try:
-        return _load_checkpoint(path, model, optimizer, gen, memory)
-    except AtlasMorphError:
-        raise
-    except Exception as exc:
-        raise AtlasMorphError(
-            f"--resume: cannot continue from {path}: it is damaged or was written with other settings "
-            f"(attributes, network, cohort) ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
-        ) from exc
-
-
-def _load_checkpoint(path: Path, model, optimizer, gen: torch.Generator, memory: dict) -> tuple[int, list[dict]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-        keys = list(f.keys())
-        get = f.get_tensor
-        model.load_state_dict({k[6:]: get(k) for k in keys if k.startswith("model.")})
-        state: dict[int, dict] = {}
-        for k in keys:
-            if k.startswith("opt."):
-                _, pid, name = k.split(".", 2)
-                state.setdefault(int(pid), {})[name] = get(k)
-        optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["opt_groups"])})
-        gen.set_state(get("rng"))
-        for k in memory:
-            memory[k].copy_(get(f"mem.{k}"))
-    return int(meta["step"]), json.loads(meta["history"])
-
-
-# ----------------------------------------------------------------------------------------- validation
-@torch.no_grad()
-def validate(model: AtlasMorph, t1: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor) -> np.ndarray:
-    """Per-structure Dice (subjects x 34) of the warped template label map against subjects' labels."""
-    model.eval()
-    rows = []
-    for i in range(t1.shape[0]):
-        x = t1[i : i + 1, None]
-        t1_t, logits = model.template(attrs[i : i + 1])
-        reg = model.register(x, t1_t)
-        seg = warp(torch.softmax(logits, 1), reg["fwd"]).argmax(1)[0]
-        rows.append(dice_per_structure(seg.cpu().numpy(), labels[i].cpu().numpy()))
-    model.train()
-    return np.array(rows)
 
 
 # ----------------------------------------------------------------------------------------- main loop
@@ -351,7 +135,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     val_labelled = [x for x in val_subj if x.seg is not None][: s.val_max]
     va_t1, va_lab, _, va_attr = stack(val_labelled) if val_labelled else (None, None, None, None)
 
-    settings_json = run_record  # every setting + the cohort fingerprint, compared on --resume (runs.py)
+    settings_json = run_record  # every setting + the cohort fingerprint, compared on --resume (training.runs)
     if rank == 0:
         with atomic_path(s.out / "split.json") as tmp:
             tmp.write_text(json.dumps({"train": [x.id for x in train_subj], "validation": [x.id for x in val_subj],

@@ -1,4 +1,4 @@
-"""The MNI152 reference brain and its labels on the model grid."""
+"""The affine target of training on the model grid: the MNI152 reference brain and labels, --reference, or --init."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,3 +33,26 @@ def mni_reference(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     brain = normalize(t1_grid, mask)
     index = resample_labels(labels.to_index(lab.data, "muse"), lab.affine, MODEL_GRID)
     return brain, index.astype(np.uint8)
+
+
+def training_reference(reference: Path | None, init: Path | None) -> np.ndarray:
+    """The affine target for cohort preparation, on the model grid (see `atlasmorph train --help`): the
+    --reference brain, else the --init model's population-average template brain, else MNI152 from the data folder."""
+    if reference is not None:
+        ref = load_volume(reference)
+        grid = resample(ref.data, ref.affine, MODEL_GRID)
+        return normalize(grid, grid > 0)
+    if init is not None:
+        from ..inference.template import encode_attributes, make_template
+        from ..model.shipped import load
+
+        _, model = load(init)
+        t = make_template(model, encode_attributes(model, None)[0])
+        return t.t1 * (t.probs[0] < 0.5)
+    from ..io.datadir import find_data_dir
+
+    data = find_data_dir()
+    if data is None:
+        raise AtlasMorphError("no affine reference: pass --reference (a brain T1 in MNI space) or --init MODEL, "
+                              "or set ATLASMORPH_DATA to a folder holding mni152/")
+    return mni_reference(data)[0]

@@ -1,0 +1,129 @@
+"""One training step: the loss terms (TrainingStep), the deformable template's closed-form refit, validation.
+
+The loss assembly weights each term (`LossWeights`) and takes the image similarity from the registry
+(`losses.get_image_loss`); validation scores the warped template labels against held-out subjects.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..labels import N_CLASSES
+from ..model import losses
+from ..model.layers import warp
+from ..model.model_file import AtlasMorph
+from .metrics import dice_per_structure
+
+
+def label_frequencies(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
+    """Voxel-wise label frequencies (n, X, Y, Z) over subjects, one subject at a time to bound memory."""
+    if labels.shape[0] == 0:
+        return torch.full((n, *labels.shape[1:]), 1.0 / n)
+    counts = torch.zeros(n, *labels.shape[1:])
+    for lab in labels:
+        counts += F.one_hot(lab.long(), n).permute(3, 0, 1, 2)
+    return counts / labels.shape[0]
+
+
+def one_hot(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
+    """(B, X, Y, Z) integer labels -> (B, n, X, Y, Z) float one-hot."""
+    return F.one_hot(labels.long(), n).permute(0, 4, 1, 2, 3).float()
+
+
+def quarter_velocity(vel_half: torch.Tensor) -> torch.Tensor:
+    """A half-resolution velocity (half-grid voxels) averaged to quarter resolution, in quarter-grid voxels."""
+    return F.avg_pool3d(vel_half, 2) / 2.0
+
+
+def shape_target(model: AtlasMorph, attrs: torch.Tensor, reg_vel: torch.Tensor) -> torch.Tensor:
+    """A subject's deformation target w(a) + v (quarter resolution, detached): its template's velocity plus
+    the registration network's velocity from that template to the subject (its shape relative to the base)."""
+    return (model.template_net.velocity_quarter(attrs) + quarter_velocity(reg_vel)).detach()
+
+
+@torch.no_grad()
+def fill_shape_memory(model: AtlasMorph, t1: torch.Tensor, attrs: torch.Tensor, memory: dict, idx: torch.Tensor,
+                      batch: int = 4) -> None:
+    """Template-velocity targets w(a) + v of subjects idx from the current networks (before the first step),
+    so the deformable template's regression starts from every subject instead of filling up over an epoch."""
+    was = model.training
+    model.eval()
+    dev = memory["shape"].device
+    for k in range(0, len(idx), batch):
+        sel = idx[k : k + batch]
+        a = attrs[sel].to(dev)
+        tmpl = model.template_net.forward_train(a)
+        reg = model.predict_warps(t1[sel, None].to(dev), tmpl["t1"])
+        memory["shape"][sel.to(dev)] = shape_target(model, a, reg["vel"])
+        memory["shape_filled"][sel.to(dev)] = True
+    model.train(was)
+
+
+@torch.no_grad()
+def refit_template_shape(model: AtlasMorph, memory: dict) -> None:
+    """Set the deformable template's coefficients to the regression of the stored targets w(a_i) + v_i on the
+    attributes (summed over ranks under DDP, so every rank gets the same template): each template moves to
+    the centre of the subjects with its attributes, as a classical template build averages the warps."""
+    keep = memory["shape_filled"]
+    gram, cross = model.template_net.shape_normal_equations(memory["attrs"][keep], memory["shape"][keep])
+    if dist.is_initialized():
+        dist.all_reduce(gram)
+        dist.all_reduce(cross)
+    if float(gram[0, 0]) > 0:  # at least one subject stored
+        model.template_net.fit_shape(gram, cross)
+
+
+class TrainingStep(torch.nn.Module):
+    """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
+
+    def __init__(self, model: AtlasMorph, settings):
+        super().__init__()
+        self.model = model
+        self.w = settings.weights
+        self.image_loss = losses.get_image_loss(settings.image_loss)
+        self.bandwidth = settings.bandwidth
+
+    def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
+        """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented).
+        Also returns, with a deformable template, each subject's deformation target w(a) + v (detached)."""
+        tmpl = self.model.template_net.forward_train(attrs)
+        t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
+        reg = self.model.predict_warps(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
+        terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
+        target = None
+        if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w is refitted toward w + v
+            target = shape_target(self.model, attrs, reg["vel"])
+            terms["off_centre"] = (quarter_velocity(reg["vel"].detach()) ** 2).sum(1).mean()  # what the next refit moves
+        if self.w.image_inverse:
+            terms["image_inv"] = self.image_loss(warp(x, reg["inv"]), t1_t)
+        if has_labels.any():
+            sel = has_labels.nonzero().flatten()
+            probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
+            terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
+        terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
+        terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
+        low = F.avg_pool3d(reg["fwd_half"], 2)
+        terms["centrality"] = losses.centrality_loss(
+            low, attrs, mem_fields, mem_attrs, mem_filled, idx, self.bandwidth
+        )
+        weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
+                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
+        total = sum(weights[k] * v for k, v in terms.items() if k in weights)
+        return total, terms, low.detach(), target
+
+
+@torch.no_grad()
+def validate(model: AtlasMorph, t1: torch.Tensor, labels: torch.Tensor, attrs: torch.Tensor) -> np.ndarray:
+    """Per-structure Dice (subjects x 34) of the warped template label map against subjects' labels."""
+    model.eval()
+    rows = []
+    for i in range(t1.shape[0]):
+        x = t1[i : i + 1, None]
+        t1_t, logits = model.template(attrs[i : i + 1])
+        reg = model.predict_warps(x, t1_t)
+        seg = warp(torch.softmax(logits, 1), reg["fwd"]).argmax(1)[0]
+        rows.append(dice_per_structure(seg.cpu().numpy(), labels[i].cpu().numpy()))
+    model.train()
+    return np.array(rows)
