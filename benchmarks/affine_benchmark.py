@@ -12,8 +12,7 @@ optional: without it only AtlasMorph is reported. Both methods get 2 threads.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
+import dataclasses
 import os
 import sys
 import tempfile
@@ -30,29 +29,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import common  # noqa: E402
 from atlasmorph_cli import labels, metrics  # noqa: E402
-from benchmarks.machine_info import describe  # noqa: E402
-import dataclasses  # noqa: E402
-
 from atlasmorph_cli.affine import LEVELS, fit_affine  # noqa: E402
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
 from atlasmorph_cli.intensity import normalize  # noqa: E402
 from atlasmorph_cli.io import load_volume, save_volume  # noqa: E402
 from atlasmorph_cli.reference import mni_reference  # noqa: E402
 from atlasmorph_cli.space import MODEL_GRID, resample_labels  # noqa: E402
-
-
-def subjects(data_dir: Path, n: int) -> list[dict]:
-    with open(data_dir / "ixi" / "subjects.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r.get("age")]
-    rows.sort(key=lambda r: r["subject"])
-    return rows[:n]
-
-
-def machine() -> str:
-    return f"{describe()}, torch {torch.__version__}"
 
 
 class Ants:
@@ -95,17 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=20, help="number of IXI subjects (default 20)")
     ap.add_argument("--out", type=Path, default=Path("docs"), help="output folder (default docs)")
-    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    common.add_data_option(ap)
     ap.add_argument("--no-ants", action="store_true", help="skip ANTs")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(THREADS)
-    data_dir = args.data or find_data_dir()
-    if data_dir is None or not (data_dir / "ixi" / "subjects.csv").exists():
-        print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
-        return 2
+    data_dir = common.data_folder(args.data)
     ref, ref_labels = mni_reference(data_dir)
-    rows = subjects(data_dir, args.n)
+    rows = common.with_attributes(common.ixi_rows(data_dir), args.n)  # the first N by id
 
     scratch_ctx = tempfile.TemporaryDirectory(prefix="atlasmorph-affine-bench-")
     scratch = Path(scratch_ctx.name)
@@ -124,8 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         header += f" {'ANTs Dice':>9} {'s':>6} {'cpu s':>6}"
     print(header, flush=True)
     for r in rows:
-        t1 = load_volume(data_dir / "ixi" / r["t1"])
-        seg = load_volume(data_dir / "ixi" / r["seg"])
+        t1 = load_volume(r["t1"])
+        seg = load_volume(r["seg"])
         mask = seg.data > 0
         brain = normalize(t1.data, mask)
         index = labels.to_index(seg.data, "muse")
@@ -153,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     methods = ["ours"] + (["ants"] if ants_runner else [])
     result = {
-        "command": "python benchmarks/affine_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        "command": common.command_line("affine_benchmark.py", argv),
+        "machine": common.describe_machine(with_torch=True),
         "threads": THREADS,
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "load_average_at_end": list(os.getloadavg()),
@@ -181,9 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         s = result["summary"][m]
         print(f"{m:<5} Dice {s['dice']['mean']:.4f} ± {s['dice']['std']:.4f}   "
               f"{s['seconds']['mean']:.2f} ± {s['seconds']['std']:.2f} s/subject (cpu {s['cpu_seconds']['mean']:.2f} s)")
-    out_json = args.out / "benchmarks" / "affine.json"
-    out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps(result, indent=1) + "\n")
+    out_json = common.write_json(args.out / "benchmarks" / "affine.json", result)
     (args.out / "affine.md").write_text(markdown(result))
     print(f"wrote {out_json} and {args.out / 'affine.md'}")
     return 0

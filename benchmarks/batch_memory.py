@@ -19,9 +19,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -30,13 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from atlasmorph_cli.batch import run_batch  # noqa: E402
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
-from atlasmorph_cli.errors import AtlasMorphError  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+import common
+from atlasmorph_cli.batch import run_batch
+from atlasmorph_cli.errors import AtlasMorphError
+from common import proc_status_mb
 
 
 def parse_args() -> argparse.Namespace:
@@ -45,19 +39,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--model", type=Path, default=None, help="model file (default: the shipped model)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=2, help="subjects left out of the slope")
-    p.add_argument("--data", type=Path, default=None, help="shared data folder (default: $ATLASMORPH_DATA or ../shared/data)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "batch_memory.json")
+    common.add_data_option(p)
+    p.add_argument("--out", type=Path, default=common.ROOT / "docs" / "benchmarks" / "batch_memory.json")
     p.add_argument("--keep", type=Path, default=None, help="keep the segmentations in this folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     return p.parse_args()
-
-
-def proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024.0  # kB
-    return float("nan")
 
 
 def reset_peak() -> bool:
@@ -70,13 +56,13 @@ def reset_peak() -> bool:
 
 
 def write_cohort(data: Path, n: int, path: Path) -> int:
-    with open(data / "ixi" / "subjects.csv", newline="") as fh:
-        rows = [r for r in csv.DictReader(fh) if r["age"] and r["sex"]][:n]
+    """A cohort CSV of the first n IXI subjects with age and sex (absolute paths); how many it holds."""
+    rows = common.with_attributes(common.ixi_rows(data), n)
     with open(path, "w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["subject", "t1", "seg", "age", "sex"])
         for r in rows:
-            w.writerow([r["subject"], data / "ixi" / r["t1"], data / "ixi" / r["seg"], r["age"], r["sex"]])
+            w.writerow([r["subject"], r["t1"], r["seg"], r["age"], r["sex"]])
     return len(rows)
 
 
@@ -84,9 +70,7 @@ def main() -> None:
     args = parse_args()
     if not Path("/proc/self/status").is_file():
         sys.exit("batch_memory: needs Linux /proc")
-    data = args.data or find_data_dir()
-    if data is None or not (data / "ixi" / "subjects.csv").is_file():
-        sys.exit("batch_memory: shared data not found (set ATLASMORPH_DATA or pass --data)")
+    data = common.data_folder(args.data)
     work = Path(tempfile.mkdtemp(prefix="batch_memory."))
     out_dir = args.keep or work / "out"
     n = write_cohort(data, args.n, work / "cohort.csv")
@@ -125,7 +109,7 @@ def main() -> None:
         "what": "batch segment, in-process, model loaded once; RSS after each subject and peak during it",
         "subjects": n, "failed": failed, "threads": args.threads,
         "model": str(args.model) if args.model else "shipped",
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
+        "machine": common.platform_record(),
         "total_seconds": round(total, 1),
         "rss_before_batch_mb": round(rss_start, 1),
         "peak_is_per_subject": per_subject,
@@ -138,8 +122,7 @@ def main() -> None:
         },
         "per_subject": records,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    common.write_json(args.out, result)
     s = result["summary"]
     print(f"{n} subjects ({failed} failed) in {total:.0f} s; RSS {s['rss_first_mb']:.0f} -> {s['rss_last_mb']:.0f} MB "
           f"(slope {s['rss_slope_mb_per_subject']:+.2f} MB/subject after {args.warmup}); per-subject peak max "

@@ -17,7 +17,6 @@ from its raw whole-head T1 (no mask):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import statistics
@@ -28,45 +27,39 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from atlasmorph_cli.brain_extraction import resolve_brain  # noqa: E402
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
 from atlasmorph_cli.io import Volume, load_volume  # noqa: E402
 from atlasmorph_cli.labels import to_index  # noqa: E402
 from atlasmorph_cli.metrics import mean_dice  # noqa: E402
 from atlasmorph_cli.pipeline import encode_attributes, load, register  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
-SPLIT = ROOT / "docs" / "benchmarks" / "atlasmorph-ixi-2mm-v1_split.json"
-
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Dice of two boolean masks."""
     return float(2 * np.count_nonzero(a & b) / max(1, np.count_nonzero(a) + np.count_nonzero(b)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", type=Path, default=SPLIT)
+    ap.add_argument("--split", type=Path, default=common.SHIPPED_SPLIT)
     ap.add_argument("--n", type=int, default=None, help="first N validation subjects only")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--cli", type=int, default=0, help="also time N fresh `atlasmorph segment` processes")
     ap.add_argument("--json", type=Path, default=None)
+    common.add_data_option(ap)
     args = ap.parse_args()
 
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("no data: set ATLASMORPH_DATA")
-    ids = json.loads(args.split.read_text())["validation"][: args.n]
-    rows = {r["subject"]: r for r in csv.DictReader(open(data / "ixi" / "subjects.csv", newline=""))}
+    subjects = common.validation_rows(common.data_folder(args.data), args.split, args.n)
     _, model = load(None, args.threads)
     results = []
-    for sid in ids:
-        r = rows[sid]
+    for r in subjects:
+        sid = r["subject"]
         t_start = time.perf_counter()
-        subj = load_volume(data / "ixi" / r["t1"])
+        subj = load_volume(r["t1"])
         t0 = time.perf_counter()
         brain = resolve_brain(subj)
         t_extract = time.perf_counter() - t0
@@ -74,7 +67,7 @@ def main() -> None:
         reg = register(model, subj, vec, brain.as_volume(subj))
         lab, _ = reg.labels_to_native()
         t_total = time.perf_counter() - t_start
-        seg = np.asarray(load_volume(data / "ixi" / r["seg"]).data).astype(np.int32)
+        seg = np.asarray(load_volume(r["seg"]).data).astype(np.int32)
         truth = to_index(seg)
         d_whole = mean_dice(to_index(lab, "freesurfer"), truth)
         own = Volume((seg > 0).astype(np.float32), subj.affine, subj.header)
@@ -100,9 +93,8 @@ def main() -> None:
     if args.cli:
         walls = []
         with tempfile.TemporaryDirectory() as tmp:
-            for sid in ids[: args.cli]:
-                r = rows[sid]
-                cmd = [sys.executable, "-m", "atlasmorph_cli", "segment", str(data / "ixi" / r["t1"]), "--age",
+            for r in subjects[: args.cli]:
+                cmd = [sys.executable, "-m", "atlasmorph_cli", "segment", r["t1"], "--age",
                        r["age"], "--sex", r["sex"], "-o", f"{tmp}/seg.nii.gz", "--threads", str(args.threads)]
                 t0 = time.perf_counter()
                 subprocess.run(cmd, check=True, capture_output=True)
@@ -110,7 +102,7 @@ def main() -> None:
         summary["cli_wall_s"] = dict(runs=walls, mean=statistics.mean(walls))
     print(json.dumps(summary, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(dict(summary=summary, subjects=results), indent=1) + "\n")
+        common.write_json(args.json, dict(summary=summary, subjects=results))
 
 
 if __name__ == "__main__":

@@ -12,10 +12,8 @@ child's max RSS.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import resource
 import shutil
 import statistics
 import subprocess
@@ -24,9 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
+import common
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -49,19 +45,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--whole-head", action="store_true", help="no --mask: the tool extracts the brain itself")
+    common.add_data_option(ap)
     args = ap.parse_args(argv)
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("no data: set ATLASMORPH_DATA")
-    with open(data / "ixi" / "subjects.csv", newline="") as fh:
-        rows = sorted((r for r in csv.DictReader(fh) if r["age"] and r["sex"]), key=lambda r: r["subject"])[: args.n]
+    rows = common.with_attributes(common.ixi_rows(common.data_folder(args.data)), args.n)
     exe = shutil.which("atlasmorph") or sys.exit("atlasmorph is not installed")
     results = {"segment": [], "register": []}
     load = []
     with tempfile.TemporaryDirectory() as tmp:
         for r in rows:
-            mask = [] if args.whole_head else ["--mask", str(data / "ixi" / r["seg"])]
-            base = [str(data / "ixi" / r["t1"]), *mask,
+            mask = [] if args.whole_head else ["--mask", r["seg"]]
+            base = [r["t1"], *mask,
                     "--age", r["age"], "--sex", r["sex"], "--threads", str(args.threads)]
             seg = [exe, "segment", *base, "-o", f"{tmp}/seg.nii.gz", "--vol", f"{tmp}/vol.csv"]
             reg = [exe, "register", *base, "-o", f"{tmp}/moved.nii.gz", "-t", f"{tmp}/warp.nii.gz",
@@ -74,13 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: {"seconds_mean": statistics.mean(x["seconds"] for x in v),
                    "seconds_max": max(x["seconds"] for x in v),
                    "peak_mb_max": max(x["peak_mb"] for x in v)} for k, v in results.items()}
-    out = {"command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+    out = {"command": common.command_line("cli_time.py", argv),
            "cpus": os.cpu_count(), "threads": args.threads, "load_average_1min_mean": statistics.mean(load),
            "summary": summary, "runs": results}
     print(json.dumps(summary, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        common.write_json(args.json, out)
     return 0
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP threads must not spin
@@ -25,15 +24,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from template_figures import (  # noqa: E402
-    SEX_COLOURS, STRUCTURE_GROUPS, parse_ages, sexes_of, subject_volumes, template_for, template_volumes,
-)
-
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
+import common  # noqa: E402
 from atlasmorph_cli.pipeline import load  # noqa: E402
+from template_figures import (  # noqa: E402
+    STRUCTURE_GROUPS, parse_ages, sex_colour, sexes_of, subject_volumes, template_for, template_volumes, volume_panels,
+)
 
 YOUNG, OLD = 25.0, 75.0
 TARGET_VENTRICLE_RATIO = 2.4
@@ -95,32 +90,11 @@ def verdict(rec: dict, cohort: dict) -> dict:
 
 
 def figure(records: list[dict], subjects: list[dict], path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The cohort's volumes over age and every model's template curves (one line style per model)."""
     styles = ["--", "-", ":", "-."]
-    fig, axes = plt.subplots(1, len(STRUCTURE_GROUPS), figsize=(5.2 * len(STRUCTURE_GROUPS), 4.4))
-    for ax, (name, _) in zip(axes, STRUCTURE_GROUPS):
-        for sex in sorted({s["sex"] for s in subjects}, key=str):
-            pts = [s for s in subjects if s["sex"] == sex]
-            ax.scatter([s["age"] for s in pts], [s["volumes_mm3"][name] / 1000 for s in pts], s=10, alpha=0.35,
-                       color=SEX_COLOURS.get(sex, "tab:gray"), label=f"IXI {sex} (n={len(pts)})")
-        for k, rec in enumerate(records):
-            for sex, r in rec["sexes"].items():
-                ax.plot([p["age"] for p in r["curve"]], [p[name] / 1000 for p in r["curve"]], lw=2.2,
-                        ls=styles[k % len(styles)], color=SEX_COLOURS.get(sex if sex in SEX_COLOURS else None, "k"),
-                        label=f"{rec['name']} {sex}")
-        ax.set_title(f"{name} (left + right)", fontsize=10)
-        ax.set_xlabel("age (years)")
-        ax.set_ylabel("volume (cm³), MNI space", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=6)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    curves = [(f"{rec['name']} {sex}", styles[k % len(styles)], sex_colour(sex), r["curve"])
+              for k, rec in enumerate(records) for sex, r in rec["sexes"].items()]
+    return volume_panels(subjects, curves, "MNI space", path)
 
 
 def markdown(records: list[dict], cohort: dict, command: str) -> str:
@@ -148,21 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subjects", type=Path, default=None,
                     help="a template_volumes.json of template_figures.py: reuse its subjects' volumes")
     ap.add_argument("--cache", type=Path, default=None, help="training cache (affine maps) when measuring subjects")
-    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    common.add_data_option(ap)
     ap.add_argument("--curve-ages", default="20:82:2", help="ages of the curves (default 20:82:2)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks/conditioning"), help="output folder")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
-    command = "python benchmarks/conditioning.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = common.command_line("conditioning.py", argv)
 
     if args.subjects is not None:
         subjects = json.loads(args.subjects.read_text())["subjects"]
     else:
-        data = args.data or find_data_dir()
-        if data is None:
-            print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
-            return 2
-        subjects = subject_volumes(data, None, "mni", args.cache, args.threads)
+        subjects = subject_volumes(common.data_folder(args.data), None, "mni", args.cache, args.threads)
     cohort = cohort_fit(subjects)
     records = []
     with torch.no_grad():
@@ -177,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
                 for sex, r in rec["sexes"].items()), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(records, subjects, args.out / "trajectories.png")
-    (args.out / "conditioning.json").write_text(json.dumps(
-        {"command": command, "cohort_fit": cohort, "n_subjects": len(subjects), "models": records}, indent=1) + "\n")
+    common.write_json(args.out / "conditioning.json",
+                      {"command": command, "cohort_fit": cohort, "n_subjects": len(subjects), "models": records})
     (args.out / "conditioning.md").write_text(markdown(records, cohort, command))
     print(markdown(records, cohort, command))
     return 0

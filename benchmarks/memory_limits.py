@@ -20,11 +20,8 @@ docs/benchmarks/memory_limits.json and prints a Markdown table. Takes about 20 m
 from __future__ import annotations
 
 import argparse
-import csv
 import gzip
-import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -34,20 +31,17 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
-from atlasmorph_cli.limits import MAX_VOXELS  # noqa: E402
-from atlasmorph_cli.space import Grid, resample  # noqa: E402
+import common
+from atlasmorph_cli.limits import MAX_VOXELS
+from atlasmorph_cli.space import Grid, resample
 
 LIMIT_GB = 3.0
 
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", type=Path, default=None, help="shared data folder (default: $ATLASMORPH_DATA or ../shared/data)")
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks" / "memory_limits.json")
+    common.add_data_option(p)
+    p.add_argument("--out", type=Path, default=common.ROOT / "docs" / "benchmarks" / "memory_limits.json")
     p.add_argument("--skip-limit", action="store_true", help="leave out the cases at the voxel limit (the slow ones)")
     p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     return p.parse_args()
@@ -64,10 +58,9 @@ def grid_around(affine: np.ndarray, shape_src, shape: tuple[int, int, int], zoom
 
 
 def make_inputs(data: Path, work: Path, with_limit: bool) -> dict[str, Path]:
-    with open(data / "ixi" / "subjects.csv", newline="") as fh:
-        row = next(r for r in csv.DictReader(fh) if r["age"] and r["sex"])
-    t1 = nib.load(str(data / "ixi" / row["t1"]))
-    seg = nib.load(str(data / "ixi" / row["seg"]))
+    row = common.with_attributes(common.ixi_rows(data), 1)[0]
+    t1 = nib.load(row["t1"])
+    seg = nib.load(row["seg"])
     brain = np.asarray(t1.dataobj, dtype=np.float32) * (np.asarray(seg.dataobj) > 0)
     mask = (np.asarray(seg.dataobj) > 0).astype(np.float32)
     grids = {"1mm": ((256, 256, 180), 1.0)}
@@ -132,9 +125,7 @@ def run_case(argv: list[str], cwd: Path) -> dict:
 
 def main() -> None:
     args = parse_args()
-    data = args.data or find_data_dir()
-    if data is None or not (data / "ixi" / "subjects.csv").is_file():
-        sys.exit("memory_limits: shared data not found (set ATLASMORPH_DATA or pass --data)")
+    data = common.data_folder(args.data)
     work = Path(tempfile.mkdtemp(prefix="memory_limits."))
     p = make_inputs(data, work, not args.skip_limit)
     attrs = ["--age", str(p["age"]), "--sex", p["sex"], "--threads", "1"]
@@ -176,11 +167,8 @@ def main() -> None:
         print(f"{name}: exit {r['exit']}, peak {r['peak_mb']:.0f} MB, {r['seconds']} s  {r['stderr_last'][:120]}",
               flush=True)
     out = {"what": "peak resident memory (ru_maxrss) of one atlasmorph process per case", "limit_gb": LIMIT_GB,
-           "max_voxels": MAX_VOXELS, "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                                                  "platform": platform.platform()},
-           "cases": results}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1) + "\n")
+           "max_voxels": MAX_VOXELS, "machine": common.platform_record(), "cases": results}
+    common.write_json(args.out, out)
     print("\n| case | exit | peak (MB) | seconds |\n|---|---|---|---|")
     for r in results:
         print(f"| {r['case']} | {r['exit']} | {r['peak_mb']:.0f} | {r['seconds']} |")

@@ -28,7 +28,7 @@ Ground truth: the subject's DLMUSE labels mapped to the 34 coarse structures (`a
 written with FreeSurfer ids. Files go to WORKDIR/subjects/<perturbation>/ (outside the repository).
 
 Methods (each returns a label map on the perturbed image's own grid, scored with Dice over the 34 structures;
-the AtlasMorph and ANTs code is segmentation_benchmark's, imported):
+the AtlasMorph and ANTs code is segmentation_methods.py's, imported):
 
   atlasmorph          pipeline.register + labels_to_native with the subject's true age and sex and the default
                       test-time refinement (what `atlasmorph segment IMG --mask MASK --age A --sex S` does);
@@ -41,8 +41,9 @@ the AtlasMorph and ANTs code is segmentation_benchmark's, imported):
 antspyx is optional (`pip install antspyx`, or the `bench` extra); without it the ANTs methods are skipped
 and the report says so. (antspyx 0.6.3 pins numpy<2.4 and scipy<1.16; to keep a shared environment's versions,
 `pip install --target DIR --no-deps antspyx==0.6.3 numpy==2.3.5 scipy==1.15.3` and run with PYTHONPATH=DIR.) Every (method, subject, perturbation) result is kept as JSON in --results, keyed by
-content (model file, the perturbed image, mask and labels, the method and its settings), so a stopped run
-continues, and later runs add methods, subjects or perturbations without redoing what is there.
+content (model file, the perturbed image, mask and labels, the method and its settings) and stored in a
+folder per model (segmentation_cache.py), so a stopped run continues, later runs add methods, subjects or
+perturbations without redoing what is there, and another model's results never overwrite them.
 
     python benchmarks/ood_benchmark.py --subjects 3 --threads 1 --workdir runs/ood \\
         --results docs/benchmarks/ood-results [--methods ...] [--perturbations ...] [--model M]
@@ -52,7 +53,6 @@ writes WORKDIR/ood.json and WORKDIR/ood.md (or --out DIR).
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -65,13 +65,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see segmentation_benchmar
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import common  # noqa: E402
 from atlasmorph_cli import labels  # noqa: E402
-from benchmarks import segmentation_benchmark as sb  # noqa: E402
+from segmentation_cache import content_sha256, result_file, run_cached, save_result, task_key  # noqa: E402
+from segmentation_methods import prepare_mni  # noqa: E402
 
 GENERATOR_VERSION = 2  # bump when a perturbation changes (the content keys change anyway)
-DEFAULT_SPLIT = Path(__file__).resolve().parent.parent / "docs" / "benchmarks" / "atlasmorph-ixi-2mm-v1_split.json"
+DEFAULT_SPLIT = common.SHIPPED_SPLIT
 
 PERTURBATIONS: dict[str, dict] = {
     "clean": {"kind": "clean"},
@@ -476,7 +476,7 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped model)")
     ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT, help=f"split.json (default {DEFAULT_SPLIT.name})")
-    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    common.add_data_option(ap)
     ap.add_argument("--subjects", type=int, default=3, help="first N validation subjects by id (default 3; 0: all)")
     ap.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)} (default: all)")
     ap.add_argument("--perturbations", default=None,
@@ -495,9 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # inherited by the workers
     import torch
 
-    from atlasmorph_cli.datadir import find_data_dir
-    from atlasmorph_cli.errors import AtlasMorphError
-    from atlasmorph_cli.pipeline import REFINE_LR, REFINE_STEPS, resolve_model
+    from atlasmorph_cli.pipeline import REFINE_LR, REFINE_STEPS
 
     torch.set_num_threads(args.threads)
     refine = REFINE_STEPS if args.refine is None else args.refine
@@ -505,15 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     perts = _csv_list(args.perturbations, tuple(PERTURBATIONS), DEFAULT_PERTURBATIONS)
     if "clean" not in perts:
         perts.insert(0, "clean")
-    data_dir = args.data or find_data_dir()
-    if data_dir is None or not (data_dir / "ixi" / "subjects.csv").exists():
-        print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
-        return 2
-    try:
-        model_path = resolve_model(args.model)
-    except AtlasMorphError as exc:
-        print(exc, file=sys.stderr)
-        return 2
+    data_dir = common.data_folder(args.data)
+    model_path = common.model_file(args.model)
     notes: list[str] = []
     if any(m in ANTS_TRANSFORMS for m in methods) and not args.cached_only:
         try:
@@ -526,20 +517,15 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             methods = [m for m in methods if m not in ANTS_TRANSFORMS]
 
-    split, split_source = sb.split_ids(args.split, model_path)
-    with open(data_dir / "ixi" / "subjects.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    ixi = data_dir / "ixi"
-    val = sb.pick_subjects(rows, split.get("validation", []), args.subjects or None)
-    for r in val:
-        r["t1"], r["seg"] = str(ixi / r["t1"]), str(ixi / r["seg"])
+    split, split_source = common.split_ids(args.split, model_path)
+    val = common.pick_subjects(common.ixi_rows(data_dir), split.get("validation", []), args.subjects or None)
     workdir = args.workdir
     scratch = workdir / "scratch"
     scratch.mkdir(parents=True, exist_ok=True)
     results_dir = args.results or workdir / "results"
     mni_t1 = mni_labels = None
     if any(m in ANTS_TRANSFORMS for m in methods):
-        mni_t1, mni_labels = sb.prepare_mni(data_dir, workdir)
+        mni_t1, mni_labels = prepare_mni(data_dir, workdir)
 
     cases = [(p, r) for p in perts for r in ([MNI_SUBJECT] if p == "mni152" else val)]
     print(f"{len(val)} validation subjects ({split_source}); perturbations {', '.join(perts)}; methods "
@@ -554,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         f = files[(p, r["subject"])]
         base = {"threads": args.threads, "scratch": str(scratch), "subject": r["subject"], "perturbation": p,
                 "t1": str(f["t1"]), "seg": str(f["seg"]), "mask": str(f["mask"]), "seg_scheme": "freesurfer",
-                "input_sha256": [sb.content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
+                "input_sha256": [content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
         if m in OURS:
             conditional = r.get("age") is not None and r.get("sex") is not None
             return {**base, "kind": "ours", "method": m, "model": str(Path(model_path).resolve()),
@@ -572,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
             return rec
         pred = Path(task["pred_out"])
         if cached or not pred.is_file():
-            rec, _ = sb.run_cached(task, None)
+            rec, _ = run_cached(task, None)
             if "error" in rec:
                 return rec
         from atlasmorph_cli.io import load_volume
@@ -581,40 +567,37 @@ def main(argv: list[str] | None = None) -> int:
         cf = files[("clean", r["subject"])]
         truth = load_volume(cf["seg"])
         rec["dice_clean_grid"] = dice_on_grid(pv.data, pv.affine, labels.to_index(truth.data, "freesurfer"), truth.affine)
-        rec.setdefault("key", sb.task_key(task))
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + ".part")
-        tmp.write_text(json.dumps(sb.clean(rec), indent=1))
-        tmp.replace(cache)
+        rec.setdefault("key", task_key(task))
+        save_result(cache, rec)
         return rec
 
     results: dict = {p: {} for p in perts}
 
     def report() -> dict:
         res = {
-            "command": "python benchmarks/ood_benchmark.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": sb.machine(), "versions": sb.versions(), "threads": args.threads,
+            "command": common.command_line("ood_benchmark.py", argv),
+            "machine": common.describe_machine(), "versions": common.versions("torch", "numpy", "nibabel", "antspyx"),
+            "threads": args.threads,
             "load_average_at_end": list(os.getloadavg()), "model": str(model_path),
-            "model_sha256": sb.file_sha256(model_path), "split": split_source, "seed": args.seed,
+            "model_sha256": common.file_sha256(model_path), "split": split_source, "seed": args.seed,
             "subjects": [r["subject"] for r in val], "methods": methods, "perturbations": perts,
             "perturbation_params": {p: PERTURBATIONS[p] for p in perts}, "refine": refine, "refine_lr": REFINE_LR,
             "summary": summarise(results, methods, perts), "notes": notes,
             "results": results,
         }
-        res = sb.clean(res)
+        res = common.clean(res)
         out = args.out or workdir
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ood.json").write_text(json.dumps(res, indent=1) + "\n")
+        common.write_json(out / "ood.json", res)
         (out / "ood.md").write_text(markdown(res))
         return res
 
     for m in methods:  # one method over every case, then the next (the fast ones first)
         for p, r in cases:
-            cache = results_dir / m / p / f"{r['subject']}.json"
             task = make_task(m, p, r)
+            cache = result_file(results_dir, task, p)
             if PERTURBATIONS[p]["kind"] == "conform":
                 task["pred_out"] = str(workdir / "predictions" / m / p / f"{r['subject']}.nii.gz")
-            rec, cached = sb.run_cached(task, cache, run=not args.cached_only)
+            rec, cached = run_cached(task, cache, run=not args.cached_only)
             if rec is None:
                 continue
             before = rec

@@ -15,25 +15,23 @@ Each conformed result is scored three ways:
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from atlasmorph_cli import labels, metrics  # noqa: E402
-from benchmarks import ood_benchmark as ood  # noqa: E402
-from benchmarks import segmentation_benchmark as sb  # noqa: E402
+import common  # noqa: E402
+import ood_benchmark as ood  # noqa: E402
+from atlasmorph_cli import labels  # noqa: E402
+from segmentation_methods import score  # noqa: E402
 
 
 def _dice(pred_fs: np.ndarray, truth_index: np.ndarray) -> float:
-    return float(np.nanmean(metrics.dice_per_structure(labels.to_index(pred_fs, "freesurfer"), truth_index)))
+    """Mean Dice of a FreeSurfer-id label map against class-index truth."""
+    return score(labels.to_index(pred_fs, "freesurfer"), truth_index)["dice"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,20 +47,15 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from atlasmorph_cli import pipeline
-    from atlasmorph_cli.datadir import find_data_dir
     from atlasmorph_cli.io import Volume, load_volume
     from atlasmorph_cli.space import Grid, resample
 
     torch.set_num_threads(args.threads)
-    data_dir = find_data_dir()
-    model_path, model = pipeline.load(None, args.threads)
-    split, _ = sb.split_ids(ood.DEFAULT_SPLIT, model_path)
-    with open(data_dir / "ixi" / "subjects.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    val = sb.pick_subjects(rows, split["validation"], args.subjects)
+    data_dir = common.data_folder()
+    _, model = pipeline.load(None, args.threads)
+    val = common.validation_rows(data_dir, common.SHIPPED_SPLIT, args.subjects)
     out = []
     for r in val:
-        r = {**r, "t1": str(data_dir / "ixi" / r["t1"]), "seg": str(data_dir / "ixi" / r["seg"])}
         vec, _ = pipeline.encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
         seg = {}
         for p in ("clean", "conform", "conform-float"):
@@ -88,9 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in ("conform", "conform-float"):
         print(p, "  ".join(f"{k} {np.mean([o[p][k] for o in out]):.4f}" for k in keys))
     if args.json:
-        args.json.write_text(json.dumps({"command": "python benchmarks/ood_grid_check.py "
-                                         + " ".join(argv if argv is not None else sys.argv[1:]),
-                                         "refine": args.refine, "subjects": out}, indent=1) + "\n")
+        common.write_json(args.json, {"command": common.command_line("ood_grid_check.py", argv),
+                                      "refine": args.refine, "subjects": out})
     return 0
 
 

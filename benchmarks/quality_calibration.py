@@ -5,7 +5,7 @@ them (tests/broken_inputs.py: a whole-head scan passed as skull-stripped, flippe
 inverted contrast, noise, a mask in the air, a mask taking in the skull, a 2-voxel slab; plus a
 smoothed probabilistic mask, which must pass).
 
-    OMP_NUM_THREADS=1 python benchmarks/quality_calibration.py --threads 1 --broken-n 3 \\
+    OMP_NUM_THREADS=1 PYTHONPATH=tests python benchmarks/quality_calibration.py --threads 1 --broken-n 3 \\
         --json docs/benchmarks/quality_calibration.json
 
 A broken input is caught when it is flagged or refused with an error; a validation subject must not be.
@@ -13,32 +13,28 @@ A broken input is caught when it is flagged or refused with an error; a validati
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
 
+import common  # noqa: E402
 from atlasmorph_cli.brain_extraction import resolve_brain  # noqa: E402
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
 from atlasmorph_cli.errors import AtlasMorphError  # noqa: E402
 from atlasmorph_cli.io import Volume, load_volume  # noqa: E402
 from atlasmorph_cli.pipeline import encode_attributes, load, register  # noqa: E402
 from atlasmorph_cli.quality import assess  # noqa: E402
-from broken_inputs import BROKEN, PASSING  # noqa: E402
 
-SPLIT = ROOT / "docs" / "benchmarks" / "atlasmorph-ixi-2mm-v1_split.json"
+BROKEN_INPUTS = common.tests_module("broken_inputs", "quality_calibration.py")  # the tests' own broken inputs
+BROKEN, PASSING = BROKEN_INPUTS.BROKEN, BROKEN_INPUTS.PASSING
 
 
 def run_case(model, vec, subj: Volume, mask: Volume | None, skullstripped: bool, name: str) -> dict:
+    """Brain, registration and quality check of one input; a refused input counts as caught."""
     t0 = time.perf_counter()
     try:
         brain = resolve_brain(subj, mask, skullstripped)
@@ -55,32 +51,29 @@ def run_case(model, vec, subj: Volume, mask: Volume | None, skullstripped: bool,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--split", type=Path, default=SPLIT)
+    ap.add_argument("--split", type=Path, default=common.SHIPPED_SPLIT)
     ap.add_argument("--n", type=int, default=None, help="first N validation subjects only")
     ap.add_argument("--broken-n", type=int, default=3, help="validation subjects each broken input is made from")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", type=Path, default=None)
+    common.add_data_option(ap)
     args = ap.parse_args()
-    data = find_data_dir()
-    if data is None:
-        raise SystemExit("no data: set ATLASMORPH_DATA")
-    ids = json.loads(args.split.read_text())["validation"][: args.n]
-    rows = {r["subject"]: r for r in csv.DictReader(open(data / "ixi" / "subjects.csv", newline=""))}
+    subjects = common.validation_rows(common.data_folder(args.data), args.split, args.n)
     _, model = load(None, args.threads)
     valid, valid_mask, broken = [], [], []
-    for sid in ids:
-        r = rows[sid]
+    for r in subjects:
+        sid = r["subject"]
         vec, _ = encode_attributes(model, {"age": r["age"], "sex": r["sex"]})
-        t1 = load_volume(data / "ixi" / r["t1"])
+        t1 = load_volume(r["t1"])
         valid.append(run_case(model, vec, t1, None, False, sid))
-        seg = load_volume(data / "ixi" / r["seg"]).data
+        seg = load_volume(r["seg"]).data
         valid_mask.append(run_case(model, vec, t1, Volume((seg > 0).astype(np.float32), t1.affine), False,
                                    f"{sid}:own_mask"))
-    for sid in ids[: args.broken_n]:
-        r = rows[sid]
+    for r in subjects[: args.broken_n]:
+        sid = r["subject"]
         vec, _ = encode_attributes(model, {"age": r["age"], "sex": r["sex"]})
-        t1 = load_volume(data / "ixi" / r["t1"])
-        seg = load_volume(data / "ixi" / r["seg"]).data.astype(np.int32)
+        t1 = load_volume(r["t1"])
+        seg = load_volume(r["seg"]).data.astype(np.int32)
         for kind, maker in {**BROKEN, **PASSING}.items():
             c = maker(t1.data, t1.affine, seg)
             subj = Volume(c.data.astype(np.float32), c.affine, None)
@@ -105,8 +98,8 @@ def main() -> None:
                                        errors=[b.get("error") for b in these if b.get("error")])
     print(json.dumps(summary, indent=1))
     if args.json:
-        args.json.write_text(json.dumps(dict(summary=summary, validation=valid, validation_own_mask=valid_mask,
-                                             broken=broken), indent=1) + "\n")
+        common.write_json(args.json, dict(summary=summary, validation=valid, validation_own_mask=valid_mask,
+                                          broken=broken))
 
 
 if __name__ == "__main__":

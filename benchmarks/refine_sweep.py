@@ -10,10 +10,7 @@ with `refine` = each of --steps and each --lr, and prints mean Dice and wall sec
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -21,17 +18,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from benchmarks.machine_info import describe  # noqa: E402
-from benchmarks.segmentation_benchmark import _score, _subject, pick_subjects, split_ids  # noqa: E402
+import common  # noqa: E402
+from segmentation_methods import load_subject, score  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped model)")
     ap.add_argument("--split", type=Path, default=None, help="split.json with the validation subjects")
-    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    common.add_data_option(ap)
     ap.add_argument("--subjects", choices=("validation", "train"), default="validation",
                     help="which side of the split to run on (choose the settings on train, report on validation)")
     ap.add_argument("--n", type=int, default=None, help="at most this many subjects (the first by id)")
@@ -44,26 +39,20 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from atlasmorph_cli import labels, pipeline
-    from atlasmorph_cli.datadir import find_data_dir
     from atlasmorph_cli.io import Volume
 
     torch.set_num_threads(args.threads)
-    data_dir = args.data or find_data_dir()
-    if data_dir is None or not (data_dir / "ixi" / "subjects.csv").exists():
-        print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
-        return 2
+    data_dir = common.data_folder(args.data)
     model_path, model = pipeline.load(args.model, args.threads)
-    split, source = split_ids(args.split, model_path)
-    with open(data_dir / "ixi" / "subjects.csv", newline="") as fh:
-        rows = pick_subjects(list(csv.DictReader(fh)), split.get(args.subjects, []), args.n)
+    split, source = common.split_ids(args.split, model_path)
+    rows = common.pick_subjects(common.ixi_rows(data_dir), split.get(args.subjects, []), args.n)
     steps = [int(s) for s in args.steps.split(",")]
     lrs = [float(s) for s in args.lr.split(",")]
     settings = [(0, 0.0)] * (0 in steps) + [(s, lr) for s in steps if s for lr in lrs]
 
     per = {f"{s}@{lr:g}": {"dice": [], "seconds": []} for s, lr in settings}
     for r in rows:
-        task = {"t1": str(data_dir / "ixi" / r["t1"]), "seg": str(data_dir / "ixi" / r["seg"])}
-        brain, mask, truth = _subject(task)
+        brain, mask, truth = load_subject(r)
         mask_vol = Volume(mask.astype(np.float32), brain.affine)
         vec, _ = pipeline.encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
         line = [f"{r['subject']:<16} {float(r['age']):5.1f}"]
@@ -72,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
             reg = pipeline.register(model, brain, vec, mask_vol, refine=s, refine_lr=lr or pipeline.REFINE_LR)
             seg, _ = reg.labels_to_native()
             wall = time.perf_counter() - t0
-            d = _score(labels.to_index(seg, "freesurfer"), truth)["dice"]
+            d = score(labels.to_index(seg, "freesurfer"), truth)["dice"]
             per[f"{s}@{lr:g}"]["dice"].append(d)
             per[f"{s}@{lr:g}"]["seconds"].append(wall)
             line.append(f"{s}@{lr:g} {d:.4f} {wall:5.1f}s")
@@ -88,13 +77,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"refine {k:>10}: Dice {v['dice_mean']:.4f} ± {v['dice_std']:.4f}  {v['seconds_mean']:.1f} s"
               + (f"  higher than no refinement on {v['better_than_0']}/{len(rows)}" if v["better_than_0"] is not None else ""))
     if args.json:
-        out = {"command": "python benchmarks/refine_sweep.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-               "machine": describe(), "threads": args.threads, "load_average_at_end": list(os.getloadavg()),
+        out = {"command": common.command_line("refine_sweep.py", argv),
+               "machine": common.describe_machine(), "threads": args.threads, "load_average_at_end": list(os.getloadavg()),
                "model": str(model_path), "split": source, "split_side": args.subjects,
                "subjects": [r["subject"] for r in rows],
                "summary": summary, "per_subject": per}
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1) + "\n")
+        common.write_json(args.json, out)
     return 0
 
 

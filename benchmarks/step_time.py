@@ -17,10 +17,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -29,8 +27,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as the CLI does, before t
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
+import common  # noqa: E402
 from atlasmorph_cli.attributes import AttributeEncoder  # noqa: E402
 from atlasmorph_cli.cohort import load_prepared  # noqa: E402
 from atlasmorph_cli.labels import N_CLASSES  # noqa: E402
@@ -120,9 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
     clean = [t for t, o in zip(times, others) if o < 0.1]
     res = {
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-        "machine": f"{platform.machine()}, {n_cpu} logical CPUs, {platform.system()} {platform.release()}, "
-                   f"torch {torch.__version__}",
+        "command": common.command_line("step_time.py", argv),
+        "machine": common.describe_machine(with_torch=True),
         "threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
         "grid": list(MODEL_GRID.shape),
@@ -139,8 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(json.dumps(res, indent=1))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=1) + "\n")
+        common.write_json(args.json, res)
     return 0
 
 

@@ -20,8 +20,6 @@ plots the subjects' native volumes as measured, without that correction.
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import os
 import sys
 import time
@@ -32,10 +30,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: idle OpenMP
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
+import common  # noqa: E402
 from atlasmorph_cli import labels  # noqa: E402
-from atlasmorph_cli.datadir import find_data_dir  # noqa: E402
 from atlasmorph_cli.errors import AtlasMorphError  # noqa: E402
 from atlasmorph_cli.pipeline import Template, encode_attributes, load, make_template  # noqa: E402
 
@@ -104,11 +100,7 @@ def label_volumes(index: np.ndarray, voxel_mm3: float) -> dict[str, float]:
 
 def montage(model, ages: list[float], path: Path) -> Path:
     """Rows: axial, coronal, sagittal slices for each sex; columns: ages."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     sexes = sexes_of(model)
     has_age = "age" in model.config.encoder.names
     ages = ages if has_age else [None]
@@ -135,10 +127,7 @@ def montage(model, ages: list[float], path: Path) -> Path:
                                        if age is None else f"age {age:g}", fontsize=10)
     kind = "conditional templates" if model.config.encoder.names else "unconditional template"
     fig.suptitle(f"{model.config.name}:\n{kind}" if len(ages) < 3 else f"{model.config.name}: {kind}", fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return common.save_figure(fig, path)
 
 
 def subject_volumes(data_dir: Path, n: int | None, space: str, cache: Path | None, threads: int) -> list[dict]:
@@ -149,14 +138,12 @@ def subject_volumes(data_dir: Path, n: int | None, space: str, cache: Path | Non
     from atlasmorph_cli.reference import mni_reference
     from atlasmorph_cli.space import MODEL_GRID
 
-    with open(data_dir / "ixi" / "subjects.csv", newline="") as fh:
-        rows = sorted((r for r in csv.DictReader(fh) if r.get("age") and r.get("seg")), key=lambda r: r["subject"])
-    rows = rows[:n] if n else rows
+    rows = common.with_attributes([r for r in common.ixi_rows(data_dir) if r.get("seg")], n)
     ref = mni_reference(data_dir)[0] if space == "mni" else None
     out = []
     t0 = time.perf_counter()
     for k, r in enumerate(rows):
-        seg = load_volume(data_dir / "ixi" / r["seg"])
+        seg = load_volume(r["seg"])
         vol = label_volumes(labels.to_index(seg.data, "muse"), float(np.prod(seg.zooms)))
         det, how = 1.0, "native"
         if space == "mni":
@@ -167,7 +154,7 @@ def subject_volumes(data_dir: Path, n: int | None, space: str, cache: Path | Non
                     world = z["world"] if "world" in z.files else None
                 how = "cache" if world is not None else how
             if world is None:
-                t1 = load_volume(data_dir / "ixi" / r["t1"])
+                t1 = load_volume(r["t1"])
                 m = seg.data > 0
                 world = fit_affine(normalize(t1.data, m), t1.affine, ref, MODEL_GRID, threads=threads)
                 how = "fit_affine"
@@ -180,6 +167,7 @@ def subject_volumes(data_dir: Path, n: int | None, space: str, cache: Path | Non
 
 
 def volume_curves(model, ages: list[float]) -> dict:
+    """Per sex ('all' without one): the template's structure-group volumes at each age (soft and hard)."""
     curves = {}
     for sex in sexes_of(model):
         pts = []
@@ -190,35 +178,32 @@ def volume_curves(model, ages: list[float]) -> dict:
     return curves
 
 
-def volume_figure(curves: dict, subjects: list[dict], space: str, train_range, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(STRUCTURE_GROUPS), figsize=(5.0 * len(STRUCTURE_GROUPS), 4.2))
-    unit = "MNI-space mm³ (native / affine det)" if space == "mni" else "native mm³"
+def volume_panels(subjects: list[dict], curves: list[tuple[str, str, str, list[dict]]], unit: str, path: Path,
+                  marks: tuple | None = None) -> Path:
+    """One panel per structure group: the subjects' volumes over age (points, coloured by sex) and curves,
+    each (legend label, line style, colour, [{"age": A, <group name>: mm3, ...}]); dotted lines at `marks`."""
+    plt = common.pyplot()
+    fig, axes = plt.subplots(1, len(STRUCTURE_GROUPS), figsize=(5.1 * len(STRUCTURE_GROUPS), 4.3))
     for ax, (name, _) in zip(axes, STRUCTURE_GROUPS):
         for sex in sorted({s["sex"] for s in subjects}, key=str):
             pts = [s for s in subjects if s["sex"] == sex]
-            ax.scatter([s["age"] for s in pts], [s["volumes_mm3"][name] / 1000 for s in pts], s=12, alpha=0.5,
+            ax.scatter([s["age"] for s in pts], [s["volumes_mm3"][name] / 1000 for s in pts], s=10, alpha=0.4,
                        color=SEX_COLOURS.get(sex, "tab:gray"), label=f"IXI {sex} (n={len(pts)})")
-        for sex, pts in curves.items():
-            key = sex if sex in SEX_COLOURS else None
-            ax.plot([p["age"] for p in pts], [p[name] / 1000 for p in pts], lw=2.5,
-                    color=SEX_COLOURS.get(key, "k"), label=f"template {sex}")
-        if train_range is not None:
-            for x in train_range:
-                ax.axvline(x, color="k", lw=0.6, ls=":")
+        for label, style, colour, pts in curves:
+            ax.plot([p["age"] for p in pts], [p[name] / 1000 for p in pts], lw=2.3, ls=style, color=colour, label=label)
+        for x in marks or ():
+            ax.axvline(x, color="k", lw=0.6, ls=":")
         ax.set_title(f"{name} (left + right)", fontsize=10)
         ax.set_xlabel("age (years)")
         ax.set_ylabel(f"volume (cm³), {unit}", fontsize=8)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    axes[0].legend(fontsize=6 if len(curves) > 4 else 7)
+    return common.save_figure(fig, path)
+
+
+def sex_colour(sex: str | None) -> str:
+    """The colour of a sex category; 'all' (a model without sex) or an unknown category: grey."""
+    return SEX_COLOURS.get(sex, SEX_COLOURS[None])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                                  epilog="\n".join(__doc__.splitlines()[1:]))
     ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped model)")
     ap.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="output folder (default docs/benchmarks)")
-    ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
+    common.add_data_option(ap)
     ap.add_argument("--ages", default="20:80:10", help="montage ages START:STOP:STEP (default 20:80:10)")
     ap.add_argument("--curve-ages", default="20:82:2", help="ages of the volume curves (default 20:82:2)")
     ap.add_argument("--space", choices=("mni", "native"), default="mni",
@@ -243,10 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     except AtlasMorphError as exc:
         print(exc, file=sys.stderr)
         return 2
-    data_dir = args.data or find_data_dir()
-    if data_dir is None or not (data_dir / "ixi" / "subjects.csv").exists():
-        print("no data folder (set ATLASMORPH_DATA or provide ../shared/data)", file=sys.stderr)
-        return 2
+    data_dir = common.data_folder(args.data)
     args.out.mkdir(parents=True, exist_ok=True)
 
     print(f"model {model_path}: attributes {', '.join(model.config.encoder.names) or 'none'}", flush=True)
@@ -261,9 +243,11 @@ def main(argv: list[str] | None = None) -> int:
             train_range = (s.min, s.max)
     print(f"measuring IXI subjects' volumes ({args.space} space) ...", flush=True)
     subjects = subject_volumes(data_dir, args.max_subjects, args.space, args.cache, args.threads)
-    p2 = volume_figure(curves, subjects, args.space, train_range, args.out / "template_volumes.png")
+    unit = "MNI-space mm³ (native / affine det)" if args.space == "mni" else "native mm³"
+    p2 = volume_panels(subjects, [(f"template {sex}", "-", sex_colour(sex), pts) for sex, pts in curves.items()],
+                       unit, args.out / "template_volumes.png", train_range)
     record = {
-        "command": "python benchmarks/template_figures.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": common.command_line("template_figures.py", argv),
         "model": str(model_path),
         "space": args.space,
         "structures": {name: [labels.NAMES[i] for i in ids] for name, ids in STRUCTURE_GROUPS},
@@ -271,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         "template_mm3": curves,
         "subjects": subjects,
     }
-    (args.out / "template_volumes.json").write_text(json.dumps(record, indent=1) + "\n")
+    common.write_json(args.out / "template_volumes.json", record)
     print(f"wrote {p2} and {args.out / 'template_volumes.json'}")
     return 0
 
