@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AtlasMorphError
+from ..model.layers import box_mean
 from .space import Grid
 
 RADIUS_MM = 50.0
@@ -322,21 +323,16 @@ class _PointLevel:
 
 
 def _box_mean(vol: torch.Tensor, radius: int) -> torch.Tensor:
-    """Mean over (2r+1)^3 boxes (zero padding) of the last three axes, by running sums; self-adjoint."""
-    out = vol
-    k = 2 * radius + 1
-    for axis in range(vol.dim() - 3, vol.dim()):
-        n = out.shape[axis]
-        pad = [0] * (2 * (vol.dim() - axis))
-        pad[-2], pad[-1] = radius + 1, radius
-        c = F.pad(out, pad).cumsum(axis)
-        out = c.narrow(axis, k, n) - c.narrow(axis, 0, n)
-    return out / float(k**3)
+    """Mean over (2r+1)^3 zero-padded boxes of the last three axes (self-adjoint: the analytic gradient needs it)."""
+    return box_mean(vol, 2 * radius + 1, border="zero")
 
 
 class _LocalNCC(torch.autograd.Function):
     """1 - mean over voxels of the squared local correlation cov^2 / (var_w var_f + eps), with an
-    analytic gradient (three more box filters) instead of autograd through the running sums."""
+    analytic gradient (three more box filters) instead of autograd through the running sums.
+
+    The map of model.losses.local_ncc, on zero-padded boxes and with eps 1e-3 (the smoothed, block-averaged
+    images have near-flat boxes), offset by 1 so the loss is >= 0; the fixed image's moments are computed once."""
 
     EPS = 1e-3
 

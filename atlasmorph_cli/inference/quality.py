@@ -32,10 +32,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..errors import AtlasMorphError
 from ..io.volumes import atomic_path
+from ..model.layers import box_mean
 
 SCORE_MIN = 0.7
 SCALE_RANGE = (0.7, 1.4)
@@ -89,7 +89,7 @@ class Quality:
 def _local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = NCC_WINDOW) -> torch.Tensor:
     """Voxel-wise local NCC of two (X,Y,Z) volumes over cubic windows (0 where either is flat)."""
     x, y = a[None, None], b[None, None]
-    pool = lambda t: F.avg_pool3d(t, window, stride=1, padding=window // 2, count_include_pad=False)  # noqa: E731
+    pool = lambda t: box_mean(t, window)  # noqa: E731
     mx, my = pool(x), pool(y)
     cov = pool(x * y) - mx * my
     vx = (pool(x * x) - mx * mx).clamp_min(0)

@@ -179,7 +179,16 @@ class RegisterInputSpec(_SubjectInputSpec):
                               desc="fs: RAS mm (intent 1006); itk: LPS (intent 1007) for antsApplyTransforms")
 
 
-class RegisterOutputSpec(TraitedSpec):
+class _SubjectOutputSpec(TraitedSpec):
+    """Outputs of every command that reads a subject (register, segment)."""
+
+    brain_mask_file = File(exists=True, desc="brain mask used")
+    brain_file = File(exists=True, desc="skull-stripped image")
+    quality_file = File(exists=True, desc="quality check (JSON)")
+    qc_file = File(exists=True, desc="QC picture (PNG)")
+
+
+class RegisterOutputSpec(_SubjectOutputSpec):
     moved_file = File(exists=True, desc="subject in template space")
     template_file = File(exists=True, desc="template in subject space")
     warp_file = File(exists=True, desc="subject->template warp")
@@ -187,10 +196,6 @@ class RegisterOutputSpec(TraitedSpec):
     affine_file = File(exists=True, desc="affine part (ITK text)")
     labels_file = File(exists=True, desc="template labels in subject space")
     jacobian_file = File(exists=True, desc="log-Jacobian determinant")
-    brain_mask_file = File(exists=True, desc="brain mask used")
-    brain_file = File(exists=True, desc="skull-stripped image")
-    quality_file = File(exists=True, desc="quality check (JSON)")
-    qc_file = File(exists=True, desc="QC picture (PNG)")
 
 
 class Register(_AtlasMorphCommand):
@@ -216,14 +221,10 @@ class SegmentInputSpec(_SubjectInputSpec):
                                name_source="in_file", default=True)
 
 
-class SegmentOutputSpec(TraitedSpec):
+class SegmentOutputSpec(_SubjectOutputSpec):
     seg_file = File(exists=True, desc="segmentation")
     probs_file = File(exists=True, desc="4D label probabilities")
     volumes_file = File(exists=True, desc="structure volumes (CSV, one row)")
-    brain_mask_file = File(exists=True, desc="brain mask used")
-    brain_file = File(exists=True, desc="skull-stripped image")
-    quality_file = File(exists=True, desc="quality check (JSON)")
-    qc_file = File(exists=True, desc="QC picture (PNG)")
 
 
 class Segment(_AtlasMorphCommand):

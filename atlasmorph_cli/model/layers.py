@@ -1,4 +1,4 @@
-"""Spatial layers: sampling, warping, velocity integration, resizing and Jacobians.
+"""Spatial layers: sampling, warping, velocity integration, resizing, Jacobians and local box means.
 
 Conventions: volumes are (B, C, X, Y, Z) with X, Y, Z the voxel axes i, j, k. Displacement and
 velocity fields are (B, 3, X, Y, Z) in voxel units of the grid they live on; channel 0 moves along i,
@@ -116,3 +116,31 @@ def jacobian_determinant(disp: torch.Tensor) -> torch.Tensor:
         - j[0][1] * (j[1][0] * j[2][2] - j[1][2] * j[2][0])
         + j[0][2] * (j[1][0] * j[2][1] - j[1][1] * j[2][0])
     )
+
+
+BOX_BORDERS = ("shrink", "zero")
+
+
+def box_mean(x: torch.Tensor, window: int, *, border: str = "shrink") -> torch.Tensor:
+    """Local mean over window^3 boxes (window odd) of the last three axes, same size as x.
+
+    The one box filter of the local-NCC measures (losses.local_ncc, quality's NCC, the affine's local NCC);
+    `border` says what a box reaching past the volume averages, and is part of each measure's numbers:
+    "shrink": only its in-volume voxels (average pooling; x is (C,X,Y,Z) or (B,C,X,Y,Z));
+    "zero": zeros outside, divided by window^3 (running sums along each axis; any leading axes). This one
+    is self-adjoint, which the affine's analytic gradient relies on.
+    """
+    if window % 2 != 1:
+        raise ValueError("window must be odd")
+    if border == "shrink":
+        return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
+    if border != "zero":
+        raise ValueError(f"border must be one of {BOX_BORDERS}, got {border!r}")
+    radius, out = window // 2, x
+    for axis in range(x.dim() - 3, x.dim()):
+        n = out.shape[axis]
+        pad = [0] * (2 * (x.dim() - axis))
+        pad[-2], pad[-1] = radius + 1, radius
+        c = F.pad(out, pad).cumsum(axis)
+        out = c.narrow(axis, window, n) - c.narrow(axis, 0, n)
+    return out / float(window**3)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import AtlasMorphError
+from .layers import box_mean
 
 
 def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -24,23 +25,20 @@ def mse(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor | None = None) -> t
     return (sq * m).sum() / m.sum().clamp_min(1.0)
 
 
-def _box_mean(x: torch.Tensor, window: int) -> torch.Tensor:
-    """Local mean over a window^3 box per channel (same size; border boxes average their in-volume voxels)."""
-    return F.avg_pool3d(x, window, stride=1, padding=window // 2, count_include_pad=False)
-
-
 def local_ncc(a: torch.Tensor, b: torch.Tensor, window: int = 9, eps: float = 1e-8) -> torch.Tensor:
     """Negative mean local (squared) normalised cross-correlation over window^3 boxes; -1 is a perfect match.
 
     As in VoxelMorph, each voxel scores cov^2 / (var_a var_b + eps), so any positive or negative
-    linear rescaling of `a` scores -1, and flat regions score 0. `window` must be odd.
+    linear rescaling of `a` scores -1, and flat regions score 0. `window` must be odd; border boxes average
+    their in-volume voxels. (The affine registration scores the same map with an analytic gradient,
+    zero-padded boxes, eps 1e-3 and an offset of 1: geometry.affine._LocalNCC.)
     """
     if window % 2 != 1:
         raise ValueError("window must be odd")
-    mu_a, mu_b = _box_mean(a, window), _box_mean(b, window)
-    cov = _box_mean(a * b, window) - mu_a * mu_b
-    var_a = (_box_mean(a * a, window) - mu_a**2).clamp_min(0.0)
-    var_b = (_box_mean(b * b, window) - mu_b**2).clamp_min(0.0)
+    mu_a, mu_b = box_mean(a, window), box_mean(b, window)
+    cov = box_mean(a * b, window) - mu_a * mu_b
+    var_a = (box_mean(a * a, window) - mu_a**2).clamp_min(0.0)
+    var_b = (box_mean(b * b, window) - mu_b**2).clamp_min(0.0)
     return -(cov**2 / (var_a * var_b + eps)).mean()
 
 
