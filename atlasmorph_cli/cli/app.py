@@ -84,6 +84,11 @@ def _root(
 
 OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a folder, .txt list or cohort .csv): "
                          "output folder; files get BIDS-derivatives names (see docs/scaling.md).")
+TemplateOpt = typer.Option(None, "--template", help="Register to this template T1 (MNI space, model grid, e.g. "
+                           "written by `atlasmorph build`) instead of the model's conditional template; needs "
+                           "--template-labels, excludes --age/--sex/--attr. See docs/build.md.")
+TemplateLabelsOpt = typer.Option(None, "--template-labels", help="Label map of --template: FreeSurfer ids of the "
+                                 "34 structures, or 4D probabilities (background + 34).")
 
 
 SkipExistingOpt = typer.Option(False, "--skip-existing", help="Batch mode: skip subjects whose outputs all exist "
@@ -223,6 +228,8 @@ def register_command(
     quality: Optional[Path] = QualityOpt,
     qc: Optional[Path] = QcOpt,
     strict: bool = StrictOpt,
+    template: Optional[Path] = TemplateOpt,
+    template_labels: Optional[Path] = TemplateLabelsOpt,
     moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
     template_out: Optional[Path] = typer.Option(None, "-O", "--template-out", help="Template moved into subject space."),
     trans: Optional[Path] = typer.Option(None, "-t", "--trans", help="Subject->template warp (on the template grid)."),
@@ -255,7 +262,8 @@ def register_command(
          "labels": labels, "jacobian": jacobian, "brainmask": brain_mask, "brain": brain, "quality": quality,
          "qc": qc},
         mask=mask, skullstripped=skullstripped, refine=refine, warp_format=warp_format, model_path=model,
-        threads=threads, strict=strict, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing), _warn)
+        threads=threads, strict=strict, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing,
+        template=template, template_labels=template_labels), _warn)
 
 
 # ----------------------------------------------------------------------------------------- segment
@@ -275,6 +283,8 @@ def segment_command(
     quality: Optional[Path] = QualityOpt,
     qc: Optional[Path] = QcOpt,
     strict: bool = StrictOpt,
+    template: Optional[Path] = TemplateOpt,
+    template_labels: Optional[Path] = TemplateLabelsOpt,
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
     vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
                                        "row per subject, default OUT_DIR/volumes.csv)."),
@@ -300,7 +310,14 @@ def segment_command(
         "segment", image, attribute_values(age, sex, attr),
         {"dseg": output, "probseg": probs, "brainmask": brain_mask, "brain": brain, "quality": quality, "qc": qc},
         mask=mask, skullstripped=skullstripped, refine=refine, model_path=model, threads=threads, strict=strict,
-        vol=vol, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing), _warn)
+        vol=vol, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing, template=template,
+        template_labels=template_labels), _warn)
+
+
+# ----------------------------------------------------------------------------------------- build
+from .build import build_command  # noqa: E402  (cli.build: a study template from the user's scans)
+
+app.command("build")(build_command)
 
 
 def _one_line(text: str) -> str:

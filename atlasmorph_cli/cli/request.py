@@ -56,10 +56,20 @@ class SubjectRequest:
     out_dir: Path | None = None
     output_names: str | None = None
     skip_existing: bool = False
+    template: Path | None = None  # --template: a template T1 in MNI space (e.g. from `build`) instead of the model's
+    template_labels: Path | None = None  # --template-labels: its labels (FreeSurfer ids or 4D probabilities)
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:
             raise ValueError(self.command)
+
+    def check_template(self) -> None:
+        """--template and --template-labels go together and exclude the attributes (one-line errors)."""
+        if (self.template is None) != (self.template_labels is None):
+            raise AtlasMorphError("--template and --template-labels go together (the template's T1 and its label map)")
+        if self.template is not None and self.attrs:
+            raise AtlasMorphError("--template excludes --age/--sex/--attr: they choose the model's conditional "
+                                  "template, which --template replaces")
 
     def requested(self) -> dict[str, Path]:
         """The single-image outputs that were asked for (name -> path)."""

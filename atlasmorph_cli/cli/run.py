@@ -21,7 +21,7 @@ from ..inference.brain_extraction import Brain, resolve_brain
 from ..inference.quality import Quality, QualityError, assess
 from ..inference.quality import write_json as write_quality
 from ..inference.registration import register_subject, save_native_probs
-from ..inference.template import encode_attributes, make_template
+from ..inference.template import Template, encode_attributes, load_template, make_template
 from ..io.volumes import Volume, all_or_nothing, check_output_dir, load_volume, save_volume, suffix_of
 from ..model.model_file import AtlasMorph
 from ..model.shipped import load
@@ -120,6 +120,15 @@ def encode_request(model: AtlasMorph, values: dict[str, object] | None, warn: Wa
     return vec
 
 
+def request_template(req: SubjectRequest, model: AtlasMorph, warn: Warn) -> Template | None:
+    """The --template/--template-labels template on the model grid (None: the model's conditional template)."""
+    if req.template is None:
+        return None
+    template, warnings = load_template(req.template, req.template_labels, model.config.model_grid)
+    warn(warnings)
+    return template
+
+
 def check_quality(reg, brain: Brain, name: str, warn: Warn) -> Quality:
     """The subject's quality (inference.quality); one warning line naming it and the reasons when it is flagged."""
     q = assess(reg, brain.mask, name, brain.source)
@@ -138,14 +147,15 @@ def strict_exit(strict: bool, qualities: list[Quality]) -> None:
 
 
 def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: SubjectRequest, paths: dict[str, Path],
-                    name: str, attrs: dict | None, warn: Warn, table: Path | None = None) -> tuple[Quality, list | None]:
+                    name: str, attrs: dict | None, warn: Warn, table: Path | None = None,
+                    template: Template | None = None) -> tuple[Quality, list | None]:
     """Register one subject, check its quality and write the outputs in `paths` (output name -> path) together.
 
     `name` names the subject in warnings, its quality record and (segment) its row of the volumes table
     `table` (a one-row table; a batch writes its table at the end). Returns the quality and, for segment,
-    the row's cells.
+    the row's cells. `template` (--template) replaces the model's conditional template (`vec` is then unused).
     """
-    reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine)
+    reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine, template=template)
     q = check_quality(reg, brain, name, warn)
     seg = cells = None
     if req.command == "segment":
@@ -171,6 +181,7 @@ def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: Sub
 
 def run_request(req: SubjectRequest, warn: Warn, **batch_options) -> BatchResult | None:
     """Run `register` or `segment` as asked: over a batch (folder, .txt, .csv) or on one image."""
+    req.check_template()
     if is_batch_input(req.image):
         return run_batch(req, warn, **batch_options)
     run_single(req, warn)
@@ -184,7 +195,8 @@ def run_single(req: SubjectRequest, warn: Warn) -> None:
     outputs = {flag: paths[n] if n != "vol" else req.vol for n, flag in flags.items()
                if (req.vol if n == "vol" else paths.get(n)) is not None}
     inputs = {what: Path(p) for what, p in (("the input image", req.image), ("the --mask image", req.mask),
-                                            ("the model file", req.model_path)) if p is not None}
+                                            ("the model file", req.model_path), ("the --template image", req.template),
+                                            ("the --template-labels map", req.template_labels)) if p is not None}
     if inputs and outputs:  # no output may replace an input (cli.safety)
         check_distinct(outputs, inputs)
     if req.command == "register":
@@ -198,8 +210,10 @@ def run_single(req: SubjectRequest, warn: Warn) -> None:
     brain = resolve_brain(subj, mask, req.skullstripped)
     warn(brain.warnings)
     _, model = load(req.model_path, req.threads)
-    vec = encode_request(model, req.attrs, warn)
-    q, _ = process_subject(model, vec, subj, brain, req, paths, Path(req.image).name, req.attrs, warn, table=req.vol)
+    template = request_template(req, model, warn)
+    vec = encode_request(model, req.attrs, warn) if template is None else None
+    q, _ = process_subject(model, vec, subj, brain, req, paths, Path(req.image).name, req.attrs, warn, table=req.vol,
+                           template=template)
     strict_exit(req.strict, [q])
 
 
@@ -240,6 +254,7 @@ def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
     _, model = load(req.model_path, req.threads)
     attr_names = model.config.encoder.names
     model.config.encoder.check_names(req.attrs)
+    template = request_template(req, model, warn)
     volumes: list[tuple[str, object]] = []
     voxel_mm3: list[float] = []
     failed: list[tuple[BatchSubject, str]] = []
@@ -254,14 +269,15 @@ def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
             error = None
             try:
                 values = subject_attrs(s, req.attrs, attr_names)
-                vec = encode_request(model, values, warn, prefix=f"sub-{s.label}: ")
+                vec = encode_request(model, values, warn, prefix=f"sub-{s.label}: ") if template is None else None
                 subj = load_volume(s.t1)
                 mask = load_volume(s.mask) if s.mask else None
                 brain = resolve_brain(subj, mask, req.skullstripped and mask is None)
                 warn([f"sub-{s.label}: {w}" for w in brain.warnings])
                 paths = {n: out_dir / s.name(table[n]) for n in names}
                 paths["quality"] = out_dir / s.name(QUALITY_NAME)  # every subject's quality, always written
-                q, cells = process_subject(model, vec, subj, brain, req, paths, f"sub-{s.label}", values, warn)
+                q, cells = process_subject(model, vec, subj, brain, req, paths, f"sub-{s.label}", values, warn,
+                                           template=template)
                 if command == "segment":
                     volumes.append((s.id, cells))
                     voxel_mm3.append(1.0)

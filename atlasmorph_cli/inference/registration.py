@@ -47,6 +47,7 @@ class Registration:
     subject_to_template_field: torch.Tensor
     subject: Volume
     brain: np.ndarray
+    velocity: torch.Tensor | None = None  # (3, X/2, Y/2, Z/2): fwd = exp(velocity); build averages it
 
     @property
     def grid(self) -> Grid:
@@ -164,11 +165,12 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 
 
 @torch.no_grad()
-def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, mask: Volume | None = None,
-             refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR) -> Registration:
-    """Affine + deformable registration of a subject to its attribute-matched template; `refine` > 0
-    adds that many instance-optimisation steps (Adam, `refine_lr`) on the RegNet's velocity (inference.refine)."""
-    tmpl = make_template(model, attrs)
+def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | None, mask: Volume | None = None,
+             refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR, template: Template | None = None) -> Registration:
+    """Affine + deformable registration of a subject to its attribute-matched template (or to `template`,
+    e.g. one read by --template or one being built); `refine` > 0 adds that many instance-optimisation
+    steps (Adam, `refine_lr`) on the RegNet's velocity (inference.refine)."""
+    tmpl = template if template is not None else make_template(model, attrs)
     m, brain = subject_brain(subject, mask)
     fixed = tmpl.t1 * (tmpl.probs[0] < 0.5)
     world = fit_affine(brain, subject.affine, fixed, tmpl.grid)
@@ -178,7 +180,7 @@ def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor, ma
     if refine:
         vel = refine_velocity(vel, x, t1, refine, lr=refine_lr, **refine_weights(model))
     fwd, inv, _ = velocity_to_displacements(vel, model.config.int_steps)
-    return Registration(tmpl, world, fwd[0], inv[0], subject, brain)
+    return Registration(tmpl, world, fwd[0], inv[0], subject, brain, vel[0])
 
 
 def refine_weights(model: AtlasMorph) -> dict:

@@ -44,7 +44,7 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import split_filename
 
-__all__ = ["Template", "Register", "Segment"]
+__all__ = ["Template", "Register", "Segment", "Build"]
 
 
 def _on_request(argstr: str, name_template: str, desc: str, *, name_source: str | None = None,
@@ -88,6 +88,10 @@ class _SubjectInputSpec(_ModelInputSpec):
     strict = traits.Bool(argstr="--strict", desc="fail the node (exit code 3) when the subject fails the quality check")
     refine = traits.Range(low=0, argstr="--refine %d",
                           desc="instance-optimisation steps on the network's warp (default: the command's, 10)")
+    template = File(exists=True, argstr="--template %s", requires=["template_labels"], xor=["age", "sex", "attributes"],
+                    desc="template T1 in MNI space (e.g. Build's out_file) instead of the model's conditional template")
+    template_labels = File(exists=True, argstr="--template-labels %s", requires=["template"],
+                           desc="label map of `template` (FreeSurfer ids, or 4D probabilities)")
 
 
 class _AtlasMorphCommand(CommandLine):
@@ -233,3 +237,48 @@ class Segment(_AtlasMorphCommand):
     _cmd = "atlasmorph segment"
     input_spec = SegmentInputSpec
     output_spec = SegmentOutputSpec
+
+
+# ----------------------------------------------------------------------------------------- build
+class BuildInputSpec(CommandLineInputSpec):
+    in_file = File(exists=True, mandatory=True, argstr="%s", position=0,
+                   desc="the group: a .txt list of T1 images or a cohort .csv (t1, optional mask/seg, attributes)")
+    out_file = File("template.nii.gz", usedefault=True, argstr="-o %s", hash_files=False,
+                    desc="built template T1 (model grid, MNI space)")
+    labels_file = _on_request("--labels %s", "template_labels.nii.gz", "template label map (FreeSurfer ids)",
+                              default=True)
+    probs_file = _on_request("--probs %s", "template_probs.nii.gz", "4D label probabilities (background + 34)")
+    report_file = _on_request("--report %s", "build_report.json", "report (JSON)", default=True)
+    iterations = traits.Range(low=1, argstr="--iterations %d", desc="register-average-correct rounds (default 3)")
+    initial = File(exists=True, argstr="--initial %s", requires=["initial_labels"], xor=["age", "sex"],
+                   desc="starting template T1 (default: the conditional template of the group's mean attributes)")
+    initial_labels = File(exists=True, argstr="--initial-labels %s", requires=["initial"],
+                          desc="label map of `initial`")
+    age = traits.Float(argstr="--age %g", desc="start from the conditional template of this age")
+    sex = traits.Str(argstr="--sex %s", desc="... and this sex")
+    skullstripped = traits.Bool(argstr="--skullstripped", desc="every image without a mask is brain-extracted")
+    refine = traits.Range(low=0, argstr="--refine %d", desc="instance-optimisation steps per registration")
+    model = File(exists=True, argstr="--model %s", desc="model file (.safetensors); default: the shipped model")
+    num_threads = traits.Int(1, usedefault=True, argstr="--threads %d", nohash=True,
+                             desc="CPU threads for torch (nipype MultiProc reads it as n_procs)")
+    quiet = traits.Bool(True, usedefault=True, argstr="--quiet", nohash=True, desc="no progress bar")
+
+
+class BuildOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="built template T1")
+    labels_file = File(exists=True, desc="template labels (FreeSurfer ids)")
+    probs_file = File(exists=True, desc="4D label probabilities")
+    report_file = File(exists=True, desc="report (JSON)")
+
+
+class Build(_AtlasMorphCommand):
+    """`atlasmorph build`: a study template from a group of scans; its outputs feed Register/Segment's
+    ``template``/``template_labels``.
+
+    >>> Build(in_file="cohort.csv", iterations=2).cmdline  # doctest: +SKIP
+    'atlasmorph build cohort.csv --iterations 2 --labels template_labels.nii.gz --threads 1 -o template.nii.gz --quiet --report build_report.json'
+    """
+
+    _cmd = "atlasmorph build"
+    input_spec = BuildInputSpec
+    output_spec = BuildOutputSpec

@@ -1,0 +1,334 @@
+"""`atlasmorph build`: a study-specific template from the user's scans, with the shipped networks (no training).
+
+INPUTS are read as a batch is (cli.batch: a folder, a .txt list or a cohort CSV; brain masks and
+extraction as for `register`); the group-wise construction itself is inference.build. Every subject
+is loaded and brain-extracted once and kept in memory for all iterations (about 4 bytes per input
+voxel and subject). The outputs (template T1, labels, probabilities, report, warps) are written at
+the very end, together or not at all, and never over an input (cli.safety).
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from ..errors import AtlasMorphError
+from ..inference.refine import REFINE_STEPS
+
+Warn = Callable[[list[str]], None]
+WARP_NAME = "from-T1w_to-template_mode-image_xfm.nii.gz"  # as a batch's --outputs warp (cli.batch)
+
+
+@dataclass
+class BuildRequest:
+    """What one `atlasmorph build` run was asked to do (built by the command line or a caller)."""
+
+    inputs: Path
+    output: Path
+    labels: Path | None = None
+    probs: Path | None = None
+    iterations: int = 3
+    warps_dir: Path | None = None
+    warp_format: str = "fs"
+    initial: Path | None = None
+    initial_labels: Path | None = None
+    attrs: dict[str, object] | None = None
+    report: Path | None = None
+    skullstripped: bool = False
+    refine: int = REFINE_STEPS
+    model_path: Path | None = None
+    threads: int | None = None
+    quiet: bool = False
+
+
+def _check_request(req: BuildRequest, subjects: list) -> None:
+    """Options and paths, before any work: outputs valid, distinct and never an input."""
+    from .outputs import check_outputs, check_warp_format
+    from .safety import check_batch_outputs, check_distinct
+
+    if req.iterations < 1:
+        raise AtlasMorphError(f"--iterations must be at least 1, got {req.iterations}")
+    if (req.initial is None) != (req.initial_labels is None):
+        raise AtlasMorphError("--initial and --initial-labels go together (the T1 and the label map of the "
+                              "starting template)")
+    if req.initial is not None and req.attrs:
+        raise AtlasMorphError("--initial excludes --age/--sex/--attr: they choose the conditional template "
+                              "to start from")
+    if req.report is not None and req.report.suffix.lower() != ".json":
+        raise AtlasMorphError(f"--report {req.report}: the report must be a .json file")
+    check_warp_format(req.warp_format)
+    if len(subjects) < 2:
+        raise AtlasMorphError(f"{req.inputs}: a template needs at least 2 subjects, found {len(subjects)}")
+    outputs = {flag: p for flag, p in (("-o", req.output), ("--labels", req.labels), ("--probs", req.probs),
+                                       ("--report", req.report)) if p is not None}
+    check_outputs(list(outputs.values()))
+    inputs = {f"the image of subject {s.id}": Path(s.t1) for s in subjects}
+    inputs.update({f"the mask of subject {s.id}": Path(s.mask) for s in subjects if s.mask is not None})
+    inputs.update({what: Path(p) for what, p in (("the cohort CSV or list", req.inputs), ("the model file",
+                  req.model_path), ("the --initial template", req.initial), ("the --initial-labels map",
+                  req.initial_labels)) if p is not None and Path(p).is_file()})
+    check_distinct(outputs, inputs)
+    if req.warps_dir is not None:
+        if req.warps_dir.exists() and not req.warps_dir.is_dir():
+            raise AtlasMorphError(f"--warps-dir {req.warps_dir}: exists and is not a folder")
+        req.warps_dir.mkdir(parents=True, exist_ok=True)
+        check_batch_outputs(req.inputs, subjects, req.warps_dir, lambda s: [req.warps_dir / s.name(WARP_NAME)],
+                            None, req.model_path)
+
+
+def _segmentations(source: Path, subjects: list) -> dict[str, Path]:
+    """Subject id -> its segmentation (a cohort CSV's `seg` column); empty for folders and lists."""
+    if source.suffix.lower() != ".csv":
+        return {}
+    from ..training.cohort import read_cohort
+
+    return {c.id: Path(c.seg) for c in read_cohort(source, check_files=False) if c.seg}
+
+
+def _group_vector(model, subjects: list, cli_attrs: dict | None, warn: Warn):
+    """The attribute vector of the starting conditional template: --age/--sex/--attr when given, else the
+    mean of the subjects' encoded attributes (the population average for subjects without any)."""
+    import torch
+
+    from ..inference.template import encode_attributes
+    from .batch import subject_attrs
+
+    if cli_attrs:
+        vec, warnings = encode_attributes(model, cli_attrs)
+        warn(warnings)
+        return vec, cli_attrs
+    names = model.config.encoder.names
+    vectors, missing = [], 0
+    for s in subjects:
+        values = subject_attrs(s, None, names)
+        missing += values is None
+        vectors.append(encode_attributes(model, values)[0])
+    if missing:
+        warn([f"{missing} of {len(subjects)} subject(s) have no attributes: the population average stands in "
+              "for them in the group's mean attributes"])
+    return torch.stack(vectors).mean(0), "group mean"
+
+
+class _Subjects:
+    """The group held in memory: each subject's image, brain mask and (optionally) label indices."""
+
+    def __init__(self):
+        self.items: list = []  # (BatchSubject, Volume, Brain, index labels or None)
+
+    def load(self, subjects: list, segs: dict[str, Path], skullstripped: bool, warn: Warn,
+             on_subject: Callable[[], None]) -> list[tuple[object, str]]:
+        from ..inference.brain_extraction import resolve_brain
+        from ..io.volumes import load_volume, same_grid
+        from ..labels import to_index
+
+        failed = []
+        for s in subjects:
+            try:
+                subj = load_volume(s.t1)
+                mask = load_volume(s.mask) if s.mask else None
+                brain = resolve_brain(subj, mask, skullstripped and mask is None)
+                warn([f"sub-{s.label}: {w}" for w in brain.warnings])
+                index = None
+                if s.id in segs:
+                    seg = load_volume(segs[s.id])
+                    if not same_grid(seg, subj):
+                        raise AtlasMorphError(f"{segs[s.id]}: the segmentation is on another grid than the image")
+                    index = to_index(seg.data)
+                self.items.append((s, subj, brain, index))
+            except AtlasMorphError as exc:
+                failed.append((s, " ".join(str(exc).split())))
+            except Exception as exc:  # noqa: BLE001 - one broken subject must not stop the build
+                failed.append((s, f"{type(exc).__name__}: {exc}"))
+            on_subject()
+        return failed
+
+    def registrar(self, model, vec, refine: int):
+        """The inference.build Register callable: the network + refinement to the current template, as
+        `register` does, the subject's normalised brain and (if any) its labels moved onto the template grid."""
+        import numpy as np
+
+        from ..inference.build import Aligned
+        from ..inference.registration import register_subject
+
+        def register(i: int, template) -> Aligned:
+            _, subj, brain, index = self.items[i]
+            reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=refine, template=template)
+            probs = None
+            if index is not None:
+                probs = _labels_to_template(reg, index)
+                probs[0] += np.clip(1.0 - probs.sum(0), 0, None)  # outside the subject's grid: background
+            return Aligned(reg.subject_to_template(), reg.velocity, probs)
+
+        return register
+
+
+def _labels_to_template(reg, index):
+    """A subject's label indices (0..34, native grid) as probabilities (35,X,Y,Z) on the template grid,
+    one interpolation through the registration (coordinates computed once, one class at a time)."""
+    import numpy as np
+    import torch
+
+    from ..labels import N_CLASSES
+    from ..model.layers import sample_at
+
+    coords = reg.template_to_native_coords()
+    out = np.zeros((N_CLASSES, *reg.grid.shape), dtype=np.float32)
+    for c in range(N_CLASSES):
+        onehot = torch.from_numpy((index == c).astype(np.float32))[None, None]
+        out[c] = sample_at(onehot, coords, padding_mode="zeros")[0, 0].numpy()
+    return out
+
+
+def run_build(req: BuildRequest, warn: Warn) -> dict:
+    """Build the template asked for by `req`, write every output together at the end; returns the report."""
+    import numpy as np
+
+    from ..inference.build import build_template
+    from ..inference.template import load_template, make_template
+    from ..io.volumes import all_or_nothing, save_volume
+    from ..model.shipped import load
+    from ..progress import progress_bar
+    from .batch import read_batch_input
+    from .outputs import MNI_XFORM, register_writes
+
+    started = time.perf_counter()
+    subjects = read_batch_input(req.inputs)
+    _check_request(req, subjects)
+    segs = _segmentations(req.inputs, subjects)
+    if segs and len(segs) < len(subjects):
+        warn([f"{len(segs)} of {len(subjects)} subjects have a segmentation (seg column): the labels are the "
+              "starting template's, carried along (give one for every subject to average them instead)"])
+        segs = {}
+    _, model = load(req.model_path, req.threads)
+    if req.initial is not None:
+        initial, warnings = load_template(req.initial, req.initial_labels, model.config.model_grid)
+        warn(warnings)
+        vec, start = None, str(req.initial)
+    else:
+        vec, start = _group_vector(model, subjects, req.attrs, warn)
+        initial = make_template(model, vec)
+    group = _Subjects()
+    failed: list[tuple[object, str]] = []
+
+    def report_failure(s, error: str) -> None:
+        failed.append((s, error))
+        where = f"sub-{s.label}" if str(s.t1) in error else f"sub-{s.label} ({s.t1})"
+        warn([f"{where}: left out: {error}"])
+
+    with progress_bar(req.quiet) as bar:
+        task = bar.add_task("loading", total=len(subjects))
+        for s, error in group.load(subjects, segs, req.skullstripped, warn, lambda: bar.advance(task)):
+            report_failure(s, error)
+        tasks = [bar.add_task(f"iteration {k + 1}", total=len(group.items)) for k in range(req.iterations)]
+
+        def progress(it: int, i: int, error: str | None) -> None:
+            if error is not None:
+                report_failure(group.items[i][0], error)
+            bar.advance(tasks[it])
+
+        if len(group.items) < 2:
+            raise AtlasMorphError(f"a template needs at least 2 subjects; {len(group.items)} of {len(subjects)} "
+                                  "could be read")
+        result = build_template(len(group.items), group.registrar(model, vec, req.refine), initial,
+                                req.iterations, int_steps=model.config.int_steps, on_subject=progress)
+        template = result.template
+        kept = [k for k in range(len(group.items)) if k not in result.failed]
+        with all_or_nothing():
+            final_mm = None
+            if req.warps_dir is not None:  # one more pass: each subject's warp to the template as built
+                from ..inference.build import displacement_norm_mm
+                from ..inference.registration import register_subject
+
+                task = bar.add_task("warps", total=len(kept))
+                norms = []
+                vox = float(np.abs(template.grid.affine[0, 0]))
+                for k in kept:
+                    s, subj, brain, _ = group.items[k]
+                    reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine,
+                                           template=template)
+                    norms.append(displacement_norm_mm(reg.velocity, template.probs[0] < 0.5, vox,
+                                                      model.config.int_steps))
+                    for w in register_writes(reg, req.warp_format, {"warp": req.warps_dir / s.name(WARP_NAME)}):
+                        w()
+                    bar.advance(task)
+                final_mm = float(np.mean(norms))
+            save_volume(template.t1.astype(np.float32), template.grid.affine, req.output, xform_code=MNI_XFORM)
+            if req.labels is not None:
+                save_volume(template.labels, template.grid.affine, req.labels, dtype=np.int32, xform_code=MNI_XFORM)
+            if req.probs is not None:
+                save_volume(np.moveaxis(template.probs, 0, -1), template.grid.affine, req.probs, dtype=np.float32,
+                            xform_code=MNI_XFORM)
+            report = {
+                "subjects": len(subjects), "used": len(kept),
+                "left_out": [{"subject": s.id, "error": e} for s, e in failed],
+                "start": start if isinstance(start, str) else {k: v for k, v in start.items()},
+                "labels": "averaged subject segmentations" if segs else "starting template's labels, carried along",
+                "iterations": [asdict(r) for r in result.iterations],
+                "final_mean_displacement_mm": final_mm,
+                "refine": req.refine, "seconds": time.perf_counter() - started,
+                "machine": {"cpu": platform.processor() or platform.machine(), "threads": _threads()},
+            }
+            if req.report is not None:
+                from ..io.volumes import atomic_path
+
+                with atomic_path(req.report) as tmp:
+                    tmp.write_text(json.dumps(report, indent=1) + "\n")
+    if len(kept) < len(subjects):
+        warn([f"{len(subjects) - len(kept)} of {len(subjects)} subject(s) were left out (see above); the template "
+              f"was built from {len(kept)}"])
+    return report
+
+
+def _threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+# ----------------------------------------------------------------------------------------- command
+def build_command(
+    inputs: Path = typer.Argument(..., help="The group: a folder of T1 images, a .txt list or a cohort .csv (t1, "
+                                  "optional mask/seg and attribute columns), as in batch mode. Whole-head images "
+                                  "are brain-extracted (see register --help)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Template T1 (model grid, 2 mm, MNI space)."),
+    labels: Optional[Path] = typer.Option(None, "--labels", help="Template label map (FreeSurfer ids): the subjects' "
+                                          "segmentations averaged when the cohort CSV has a seg column for every "
+                                          "subject, else the starting template's labels carried along."),
+    probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities (background + 34)."),
+    iterations: int = typer.Option(3, "--iterations", min=1, help="Rounds of register-average-correct."),
+    warps_dir: Optional[Path] = typer.Option(None, "--warps-dir", help="Write each subject's warp to the built "
+                                             "template here (sub-<label>_from-T1w_to-template_mode-image_xfm.nii.gz; "
+                                             "one more registration pass)."),
+    warp_format: str = typer.Option("fs", "--warp-format", help="fs (RAS mm, intent 1006) or itk (LPS, 1007)."),
+    initial: Optional[Path] = typer.Option(None, "--initial", help="Start from this template T1 (MNI space) "
+                                           "instead of the conditional template; needs --initial-labels."),
+    initial_labels: Optional[Path] = typer.Option(None, "--initial-labels", help="Label map of --initial "
+                                                  "(FreeSurfer ids, or 4D probabilities)."),
+    age: Optional[float] = typer.Option(None, "--age", help="Start from the conditional template of this age "
+                                        "(default: the group's mean attributes)."),
+    sex: Optional[str] = typer.Option(None, "--sex", help="... and this sex (F or M)."),
+    attr: Optional[list[str]] = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE."),
+    report: Optional[Path] = typer.Option(None, "--report", help="JSON report: subjects used and left out, mean "
+                                          "displacement, correction and sharpness per iteration, time."),
+    skullstripped: bool = typer.Option(False, "--skullstripped", help="Every image without a mask is already "
+                                       "brain-extracted."),
+    refine: int = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps per registration."),
+    model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file (default: the shipped model)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Build a study-specific template (T1 + labels, MNI space) from a group of scans with the shipped networks."""
+    from .app import _warn, err
+    from .request import attribute_values
+
+    out = run_build(BuildRequest(inputs, output, labels, probs, iterations, warps_dir, warp_format, initial,
+                                 initial_labels, attribute_values(age, sex, attr), report, skullstripped, refine,
+                                 model, threads, quiet), _warn)
+    it = out["iterations"][-1]
+    err.print(f"template of {out['used']} subjects written to {output} ({len(out['iterations'])} iterations, "
+              f"{out['seconds']:.0f} s; last mean displacement {it['mean_displacement_mm']:.2f} mm)")
