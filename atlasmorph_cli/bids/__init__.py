@@ -13,9 +13,9 @@ docs/bids.md describes the naming and why there is no pybids dependency.
 """
 from .attributes import read_dataset_attributes
 from .derivatives import OUTPUTS, DerivativesWriter, GeneratedBy, derivative_name, sidecar_path
-from .layout import BidsInput, BidsInputs, find_bids_inputs, is_bids_root, parse_entities
+from .layout import BidsInput, BidsInputs, BidsSelection, find_bids_inputs, is_bids_root, parse_entities
 
 __all__ = [
-    "BidsInput", "BidsInputs", "DerivativesWriter", "GeneratedBy", "OUTPUTS", "derivative_name",
+    "BidsInput", "BidsInputs", "BidsSelection", "DerivativesWriter", "GeneratedBy", "OUTPUTS", "derivative_name",
     "find_bids_inputs", "is_bids_root", "parse_entities", "read_dataset_attributes", "sidecar_path",
 ]

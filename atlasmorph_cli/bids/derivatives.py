@@ -16,22 +16,26 @@ through `atomic_path` and must resolve inside the output folder.
 from __future__ import annotations
 
 import csv
+import fcntl
 import json
 import os
+from contextlib import contextmanager, nullcontext as _no_lock
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Iterator, Mapping, Sequence
 
 from .. import __version__
 from ..errors import AtlasMorphError
 from ..io.volumes import atomic_path
 from ..labels import STRUCTURES
-from .layout import BidsInput
+from .attributes import MISSING, read_tsv
+from .layout import ANAT_ENTITIES, BidsInput
 
 BIDS_VERSION = "1.10.0"
 PIPELINE = "AtlasMorph"
 LABEL_TABLE = "desc-atlasmorph_dseg.tsv"
 VOLUMES_TABLE = "volumes.tsv"
+LOCK_NAME = ".volumes.tsv.lock"  # hidden: the validator and the walker skip it
 DESCRIPTIONS = {
     "atlasmorph": "AtlasMorph atlas segmentation: the conditional template's labels warped onto the subject",
     "brain": "brain extraction used for registration (mask, or the T1w with non-brain voxels zeroed)",
@@ -54,7 +58,8 @@ class OutputKind:
 
     @property
     def has_sidecar(self) -> bool:
-        return self.extension != ".json"
+        """JSON files describe themselves; figures are for people (as fMRIPrep's, no sidecar)."""
+        return self.extension != ".json" and self.datatype != "figures"
 
 
 def _label_map() -> list[str]:
@@ -150,19 +155,20 @@ class DerivativesWriter:
         self._root = self.out_dir.resolve()
 
     # ------------------------------------------------------------------------------------ names
-    def path_for(self, source: BidsInput, output: str) -> Path:
-        """Where `output` of this source goes (its folder is created)."""
+    def path_for(self, source: BidsInput, output: str, create: bool = True) -> Path:
+        """Where `output` of this source goes (its folder is created unless `create` is False)."""
         kind = _kind(output)
         folder = self.out_dir / f"sub-{source.subject}"
         if source.session is not None:
             folder = folder / f"ses-{source.session}"
         path = self._inside(folder / kind.datatype / derivative_name(source, output))
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            path.parent.mkdir(parents=True, exist_ok=True)
         return path
 
-    def paths_for(self, source: BidsInput, outputs: Iterable[str]) -> dict[str, Path]:
+    def paths_for(self, source: BidsInput, outputs: Iterable[str], create: bool = True) -> dict[str, Path]:
         """{output: path} for the outputs asked for (batch mode's names: dseg, probseg, warp, ...)."""
-        return {o: self.path_for(source, o) for o in outputs}
+        return {o: self.path_for(source, o, create) for o in outputs}
 
     def _inside(self, path: Path) -> Path:
         """Refuse a path that would leave the output folder (through '..' or a symbolic link)."""
@@ -248,33 +254,66 @@ class DerivativesWriter:
         was made for (None: the population average), and Quality when the caller gives it."""
         kind = _kind(output)
         if not kind.has_sidecar:
-            raise AtlasMorphError(f"output '{output}' is a JSON file itself; it has no sidecar")
+            raise AtlasMorphError(f"output '{output}' has no sidecar (a JSON file itself, or a figure)")
         path = sidecar_path(self.path_for(source, output))
         _write_json(path, self.sidecar(source, output, attributes, quality, extra))
         return path
 
     # ----------------------------------------------------------------------------------- volumes
     def write_volumes(self, rows: Sequence[tuple[BidsInput, Sequence[str]]], columns: Sequence[str],
-                      descriptions: Mapping[str, Mapping[str, object]] | None = None) -> Path:
-        """volumes.tsv: participant_id, session_id (if the dataset has sessions), the other entities that
+                      descriptions: Mapping[str, Mapping[str, object]] | None = None,
+                      keep_others: bool = False) -> Path:
+        """volumes.tsv: participant_id, session_id (if any image has a session), the other entities that
         tell two images of a session apart (acq, run, ...), then `columns` (e.g. total_brain, the 34
         structures in mm3, the quality columns); empty cells become 'n/a'. `descriptions` go to
-        volumes.json (BIDS column descriptions: LongName, Description, Units)."""
-        sources = [r[0] for r in rows]
-        sessions = any(s.session is not None for s in sources)
-        extra = [k for k in dict.fromkeys(k for s in sources for k in s.entities) if k not in ("sub", "ses")]
-        header = ["participant_id", *(["session_id"] if sessions else []), *extra, *columns]
-        table = []
+        volumes.json (BIDS column descriptions: LongName, Description, Units).
+
+        `keep_others`: the rows of the existing volumes.tsv for images not in `rows` are kept (a run on
+        some participants adds to the table of earlier runs); the read-merge-write holds a lock on the
+        folder, so participant-level jobs running at the same time do not drop each other's rows.
+        """
+        new: dict[tuple[tuple[str, str], ...], list[str]] = {}
         for source, cells in rows:
             if len(cells) != len(columns):
                 raise AtlasMorphError(f"{source.id}: {len(cells)} volume cells for {len(columns)} columns")
-            ids = [f"sub-{source.subject}", *([f"ses-{source.session}" if source.session else ""] if sessions else []),
-                   *(source.entities.get(k, "") for k in extra)]
-            table.append([*ids, *cells])
-        path = self._write_tsv(self.out_dir / VOLUMES_TABLE, header, table)
+            new[image_key(source.entities)] = [*cells]
+        with _locked(self._inside(self.out_dir / LOCK_NAME)) if keep_others else _no_lock():
+            merged = {**self.read_volumes(columns), **new} if keep_others else new
+            keys = sorted(merged) if keep_others else list(merged)
+            sessions = any(k == "ses" for key in keys for k, _ in key)
+            extra = [k for k in dict.fromkeys(k for key in keys for k, _ in key) if k not in ("sub", "ses")]
+            header = ["participant_id", *(["session_id"] if sessions else []), *extra, *columns]
+            table = []
+            for key in keys:
+                ents = dict(key)
+                ids = [f"sub-{ents['sub']}", *([f"ses-{ents['ses']}" if "ses" in ents else ""] if sessions else []),
+                       *(ents.get(k, "") for k in extra)]
+                table.append([*ids, *merged[key]])
+            path = self._write_tsv(self.out_dir / VOLUMES_TABLE, header, table)
         if descriptions:
             _write_json(self._inside(path.with_suffix(".json")), {k: dict(v) for k, v in descriptions.items()})
         return path
+
+    def read_volumes(self, columns: Sequence[str]) -> dict[tuple[tuple[str, str], ...], list[str]]:
+        """The rows of the existing volumes.tsv, {image key: cells of `columns` as written ('n/a' where the
+        table lacks a column)}; {} when there is no readable table. Keys: `image_key(entities)`."""
+        path = self.out_dir / VOLUMES_TABLE
+        if not path.is_file():
+            return {}
+        try:
+            old = read_tsv(path)
+        except AtlasMorphError:
+            return {}
+        out = {}
+        for row in old:
+            ents = {"sub": row.get("participant_id", "").removeprefix("sub-")}
+            if row.get("session_id", "n/a") not in MISSING:
+                ents["ses"] = row["session_id"].removeprefix("ses-")
+            ents.update({k: v for k, v in row.items() if k in ANAT_ENTITIES and k not in ("sub", "ses")
+                         and v not in MISSING})
+            if ents["sub"]:
+                out[image_key(ents)] = [row.get(c) or "n/a" for c in columns]
+        return out
 
     def _write_tsv(self, path: Path, header: Sequence[str], rows: Iterable[Sequence[str]]) -> Path:
         path = self._inside(path)
@@ -284,6 +323,23 @@ class DerivativesWriter:
             for row in rows:
                 w.writerow([_cell(c) for c in row])
         return path
+
+
+def image_key(entities: Mapping[str, str]) -> tuple[tuple[str, str], ...]:
+    """One image's identity in volumes.tsv: its entities in BIDS order (the same whatever the column order)."""
+    order = {e: i for i, e in enumerate(ANAT_ENTITIES)}
+    return tuple(sorted(entities.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` (created) for the block: one writer of the shared table at a time."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def _cell(value: object) -> str:

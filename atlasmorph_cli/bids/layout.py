@@ -72,11 +72,55 @@ class BidsInputs:
         return len(self.inputs)
 
 
+@dataclass(frozen=True)
+class BidsSelection:
+    """Which T1w images of a dataset to process: --participant-label, --session-label, --bids-filter."""
+
+    participant_labels: tuple[str, ...] | None = None
+    session_labels: tuple[str, ...] | None = None
+    entities: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+
+    @classmethod
+    def from_options(cls, participant_labels: Iterable[str] | None, session_labels: Iterable[str] | None,
+                     filters: Iterable[str] | None) -> "BidsSelection":
+        """The command line's values; `filters` as ENTITY=VALUE (``acq=mprage``; repeatable, a repeated
+        entity accepts either value)."""
+        entities: dict[str, tuple[str, ...]] = {}
+        for item in filters or ():
+            key, sep, value = (x.strip() for x in str(item).partition("="))
+            if not sep or not key or not value:
+                raise AtlasMorphError(f"--bids-filter expects ENTITY=VALUE (e.g. acq=mprage), got '{item}'")
+            entities[key] = (*entities.get(key, ()), value)
+        return cls(tuple(participant_labels) if participant_labels else None,
+                   tuple(session_labels) if session_labels else None, entities)
+
+    @property
+    def given(self) -> bool:
+        """Whether any filter was given (they apply to a BIDS dataset only)."""
+        return bool(self.participant_labels or self.session_labels or self.entities)
+
+    def find(self, root: Path | str) -> "BidsInputs":
+        """The selected T1w images of the dataset at `root` (find_bids_inputs)."""
+        return find_bids_inputs(root, self.participant_labels, self.session_labels, self.entities)
+
+
 def is_bids_root(path: Path | str) -> bool:
     """A folder with dataset_description.json and at least one sub-* folder."""
     path = Path(path)
     return (path.is_dir() and (path / "dataset_description.json").is_file()
             and any(p.is_dir() for p in path.glob("sub-*")))
+
+
+def check_bids_root(root: Path) -> list[Path]:
+    """The sub-* folders of the BIDS dataset `root`; an error says what makes it not one."""
+    if not root.is_dir():
+        raise AtlasMorphError(f"{root}: no such folder")
+    if not (root / "dataset_description.json").is_file():
+        raise AtlasMorphError(f"{root}: not a BIDS dataset (no dataset_description.json)")
+    subjects = [p for p in _visible_dirs(root, "sub-") if p.name[4:].isalnum()]
+    if not subjects:
+        raise AtlasMorphError(f"{root}: not a BIDS dataset (no sub-* folders)")
+    return subjects
 
 
 def parse_entities(name: str) -> tuple[dict[str, str], str] | None:
@@ -164,13 +208,7 @@ def find_bids_inputs(
     filters such as ``{'acq': 'mprage', 'run': '1'}`` (a value or a list of accepted values).
     """
     root = Path(root)
-    if not root.is_dir():
-        raise AtlasMorphError(f"{root}: no such folder")
-    if not (root / "dataset_description.json").is_file():
-        raise AtlasMorphError(f"{root}: not a BIDS dataset (no dataset_description.json)")
-    subjects = [p for p in _visible_dirs(root, "sub-") if p.name[4:].isalnum()]
-    if not subjects:
-        raise AtlasMorphError(f"{root}: not a BIDS dataset (no sub-* folders)")
+    subjects = check_bids_root(root)
     wanted_subs = normalise_labels(participant_labels, "sub")
     wanted_sess = normalise_labels(session_labels, "ses")
     wanted = _entity_filters(entities)

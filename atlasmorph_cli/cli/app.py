@@ -24,7 +24,8 @@ from rich.text import Text
 from .. import __version__
 from ..errors import AtlasMorphError
 from ..model.loss_weights import LossWeights
-from ..inference.refine import REFINE_STEPS
+from .options import (GROUP, AttrOpt, ModelOpt, RunOptions, SexOpt, SkullstrippedOpt, StrictOpt, SubjectOptions,
+                      ThreadsOpt, with_option_groups)
 from .request import SubjectRequest, attribute_values
 
 err = Console(stderr=True)
@@ -37,32 +38,11 @@ app = typer.Typer(
     "age and sex, registration of a subject to its template, and atlas-based segmentation.",
 )
 
-ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
-ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
-RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
-                         "for this subject (about 0.1 s each; 0: the network's warp as is).")
-AgeOpt = typer.Option(None, "--age", help="Age in years.")
-SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
-AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
 ImageArg = typer.Argument(..., help="T1 image, any orientation: whole-head (more than 2.5 L of non-zero voxels: "
                           "the brain is extracted first, with deepbet), skull-stripped (at most 2.5 L, or "
                           "--skullstripped: its non-zero voxels are the brain), or any T1 with --mask; or a batch: a "
-                          "folder of images, a .txt list or a cohort .csv. See docs/brain-extraction.md.")
-MaskOpt = typer.Option(None, "--mask", help="Brain mask on the image's grid (> 0 is brain; a probabilistic mask "
-                       "with values in [0, 1] is read as >= 0.5). No extraction is run.")
-SkullstrippedOpt = typer.Option(False, "--skullstripped", help="The image is already brain-extracted: its non-zero "
-                                "voxels are the brain (default: decided from the image; a whole-head scan is "
-                                "brain-extracted first).")
-BrainMaskOpt = typer.Option(None, "--brain-mask", help="Write the brain mask used (uint8, the input's grid).")
-BrainOpt = typer.Option(None, "--brain", help="Write the skull-stripped image (the input's grid).")
-QualityOpt = typer.Option(None, "--quality", help="Write the subject's quality check as JSON (score, local NCC, "
-                          "brain-mask Dice, affine scale and rotation, flagged, reasons; batch mode writes "
-                          "sub-<label>_desc-atlasmorph_qc.json for every subject). See docs/quality.md.")
-QcOpt = typer.Option(None, "--qc", help="Write a QC picture (.png): the T1 in three planes with the structure "
-                     "outlines and the brain-mask contour, the quality score and attributes in the title (batch "
-                     "mode: --outputs ...,qc, one per subject + qc_index.html).")
-StrictOpt = typer.Option(False, "--strict", help="Exit with code 3 when a subject fails the quality check (its "
-                         "outputs are still written); without it, a one-line warning.")
+                          "BIDS dataset (its T1w images, age and sex from participants.tsv), a folder of images, a "
+                          ".txt list or a cohort .csv. See docs/bids.md and docs/brain-extraction.md.")
 
 
 def _version(value: bool) -> None:
@@ -82,8 +62,9 @@ def _root(
     """AtlasMorph command line."""
 
 
-OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a folder, .txt list or cohort .csv): "
-                         "output folder; files get BIDS-derivatives names (see docs/scaling.md).")
+OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a BIDS dataset, a folder, .txt list or "
+                         "cohort .csv): output folder; files get BIDS-derivatives names (a BIDS dataset: a derivatives "
+                         "dataset, e.g. BIDS_ROOT/derivatives/atlasmorph; docs/bids.md, docs/scaling.md).")
 TemplateOpt = typer.Option(None, "--template", help="Register to this template T1 (MNI space, model grid, e.g. "
                            "written by `atlasmorph build`) instead of the model's conditional template; needs "
                            "--template-labels, excludes --age/--sex/--attr. See docs/build.md.")
@@ -91,20 +72,31 @@ TemplateLabelsOpt = typer.Option(None, "--template-labels", help="Label map of -
                                  "34 structures, or 4D probabilities (background + 34).")
 
 
-SkipExistingOpt = typer.Option(False, "--skip-existing", help="Batch mode: skip subjects whose outputs all exist "
-                               "(e.g. rerunning an interrupted batch; segment keeps their rows of the volumes table).")
-
-
-def _batch(image: Path, out_dir: Path | None, outputs: str | None, skip_existing: bool = False) -> bool:
-    """Whether IMAGE is a batch (folder, .txt, .csv); batch-only options with a single image are an error."""
+def _batch(image: Path, out_dir: Path | None, outputs: str | None, run: RunOptions) -> bool:
+    """Whether IMAGE is a batch (BIDS dataset, folder, .txt, .csv); batch-only options with a single image are
+    an error."""
     from .batch import is_batch_input
 
     if is_batch_input(image):
         return True
-    if out_dir is not None or outputs is not None or skip_existing:
-        raise AtlasMorphError("--out-dir, --outputs and --skip-existing are for a batch input (a folder, a .txt list "
-                              "or a cohort .csv)")
+    if out_dir is not None or outputs is not None or run.skip_existing:
+        raise AtlasMorphError("--out-dir, --outputs and --skip-existing are for a batch input (a BIDS dataset, a "
+                              "folder, a .txt list or a cohort .csv)")
+    if run.participant_label or run.session_label or run.bids_filter:
+        raise AtlasMorphError("--participant-label, --session-label and --bids-filter are for a BIDS dataset")
     return False
+
+
+def _request(command: str, image: Path, subject: SubjectOptions, run: RunOptions, outputs: dict[str, Path | None],
+             **batch: object) -> SubjectRequest:
+    """The SubjectRequest of a register/segment command line."""
+    return SubjectRequest(
+        command, image, attribute_values(subject.age, subject.sex, subject.attr),
+        {**outputs, "brainmask": subject.brain_mask, "brain": subject.brain, "quality": subject.quality,
+         "qc": subject.qc},
+        mask=subject.mask, skullstripped=subject.skullstripped, refine=run.refine, warp_format=run.warp_format,
+        model_path=run.model, threads=run.threads, strict=subject.strict, skip_existing=run.skip_existing,
+        bids=run.selection(), **batch)
 
 
 def _warn(messages: list[str]) -> None:
@@ -215,19 +207,19 @@ def template_command(
 
 
 # ----------------------------------------------------------------------------------------- register
+def _single_only(subject: SubjectOptions, given: dict[str, object]) -> None:
+    """A batch takes no single-file output option (nor --mask): say so instead of ignoring them."""
+    from .batch import check_single_only
+
+    check_single_only({**given, "--mask": subject.mask, "--brain-mask": subject.brain_mask, "--brain": subject.brain,
+                       "--quality": subject.quality, "--qc": subject.qc})
+
+
 @app.command("register")
+@with_option_groups
 def register_command(
     image: Path = ImageArg,
-    age: Optional[float] = AgeOpt,
-    sex: Optional[str] = SexOpt,
-    attr: Optional[list[str]] = AttrOpt,
-    mask: Optional[Path] = MaskOpt,
-    skullstripped: bool = SkullstrippedOpt,
-    brain_mask: Optional[Path] = BrainMaskOpt,
-    brain: Optional[Path] = BrainOpt,
-    quality: Optional[Path] = QualityOpt,
-    qc: Optional[Path] = QcOpt,
-    strict: bool = StrictOpt,
+    subject: SubjectOptions = GROUP,
     template: Optional[Path] = TemplateOpt,
     template_labels: Optional[Path] = TemplateLabelsOpt,
     moved: Optional[Path] = typer.Option(None, "-o", "--moved", help="Subject moved into template space."),
@@ -237,81 +229,89 @@ def register_command(
     affine_out: Optional[Path] = typer.Option(None, "--affine", help="Affine part, ITK/ANTs text (.txt)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Template labels in subject space."),
     jacobian: Optional[Path] = typer.Option(None, "--jacobian", help="log-Jacobian determinant (template grid)."),
-    warp_format: str = typer.Option("fs", "--warp-format", help="fs (RAS mm, intent 1006) or itk (LPS, 1007)."),
-    model: Optional[Path] = ModelOpt,
-    threads: Optional[int] = ThreadsOpt,
-    refine: int = RefineOpt,
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
                                           "template, warp, inverse, affine, labels, jacobian, brainmask, brain, qc "
                                           "(default moved,warp,labels)."),
-    skip_existing: bool = SkipExistingOpt,
+    run: RunOptions = GROUP,
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
     from .run import run_request
 
-    if _batch(image, out_dir, outputs, skip_existing):
-        from .batch import check_single_only
-
-        check_single_only({"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out,
-                           "--labels": labels, "--jacobian": jacobian, "--mask": mask, "--brain-mask": brain_mask,
-                           "--brain": brain, "--quality": quality, "--qc": qc})
-    run_request(SubjectRequest(
-        "register", image, attribute_values(age, sex, attr),
-        {"moved": moved, "template": template_out, "warp": trans, "inverse": inverse, "affine": affine_out,
-         "labels": labels, "jacobian": jacobian, "brainmask": brain_mask, "brain": brain, "quality": quality,
-         "qc": qc},
-        mask=mask, skullstripped=skullstripped, refine=refine, warp_format=warp_format, model_path=model,
-        threads=threads, strict=strict, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing,
-        template=template, template_labels=template_labels), _warn)
+    given = {"-o": moved, "-O": template_out, "-t": trans, "-T": inverse, "--affine": affine_out, "--labels": labels,
+             "--jacobian": jacobian}
+    if _batch(image, out_dir, outputs, run):
+        _single_only(subject, given)
+    run_request(_request("register", image, subject, run, {
+        "moved": moved, "template": template_out, "warp": trans, "inverse": inverse, "affine": affine_out,
+        "labels": labels, "jacobian": jacobian}, out_dir=out_dir, output_names=outputs, template=template,
+        template_labels=template_labels), _warn)
 
 
 # ----------------------------------------------------------------------------------------- segment
 @app.command("segment")
+@with_option_groups
 def segment_command(
     ctx: typer.Context,
     image: Path = ImageArg,
     output: Optional[Path] = typer.Option(None, "-o", "--output", help="Segmentation (34 structures, FreeSurfer "
                                           "ids); required for a single image."),
-    age: Optional[float] = AgeOpt,
-    sex: Optional[str] = SexOpt,
-    attr: Optional[list[str]] = AttrOpt,
-    mask: Optional[Path] = MaskOpt,
-    skullstripped: bool = SkullstrippedOpt,
-    brain_mask: Optional[Path] = BrainMaskOpt,
-    brain: Optional[Path] = BrainOpt,
-    quality: Optional[Path] = QualityOpt,
-    qc: Optional[Path] = QcOpt,
-    strict: bool = StrictOpt,
+    subject: SubjectOptions = GROUP,
     template: Optional[Path] = TemplateOpt,
     template_labels: Optional[Path] = TemplateLabelsOpt,
     probs: Optional[Path] = typer.Option(None, "--probs", help="4D label probabilities in subject space."),
     vol: Optional[Path] = typer.Option(None, "--vol", help="CSV of structure volumes in mm3 (batch mode: one "
-                                       "row per subject, default OUT_DIR/volumes.csv)."),
-    model: Optional[Path] = ModelOpt,
-    threads: Optional[int] = ThreadsOpt,
-    refine: int = RefineOpt,
+                                       "row per subject, default OUT_DIR/volumes.csv; a BIDS dataset: "
+                                       "OUT_DIR/volumes.tsv)."),
     out_dir: Optional[Path] = OutDirOpt,
     outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg, "
-                                          "brainmask, brain, qc (default dseg)."),
-    skip_existing: bool = SkipExistingOpt,
+                                          "brainmask, brain, qc, and register's moved, template, warp, inverse, "
+                                          "affine, jacobian (default dseg)."),
+    run: RunOptions = GROUP,
 ) -> None:
     """Segment a subject with the label map of its conditional template (subject's own grid)."""
     from .run import run_request
 
-    if _batch(image, out_dir, outputs, skip_existing):
-        from .batch import check_single_only
-
-        check_single_only({"-o": output, "--probs": probs, "--mask": mask, "--brain-mask": brain_mask,
-                           "--brain": brain, "--quality": quality, "--qc": qc})
+    if _batch(image, out_dir, outputs, run):
+        _single_only(subject, {"-o": output, "--probs": probs})
     elif output is None:
         ctx.fail("Missing option '-o' / '--output'.")
-    run_request(SubjectRequest(
-        "segment", image, attribute_values(age, sex, attr),
-        {"dseg": output, "probseg": probs, "brainmask": brain_mask, "brain": brain, "quality": quality, "qc": qc},
-        mask=mask, skullstripped=skullstripped, refine=refine, model_path=model, threads=threads, strict=strict,
-        vol=vol, out_dir=out_dir, output_names=outputs, skip_existing=skip_existing, template=template,
-        template_labels=template_labels), _warn)
+    run_request(_request("segment", image, subject, run, {"dseg": output, "probseg": probs}, vol=vol, out_dir=out_dir,
+                         output_names=outputs, template=template, template_labels=template_labels), _warn)
+
+
+# ----------------------------------------------------------------------------------------- bids
+@app.command("bids")
+@with_option_groups
+def bids_command(
+    bids_dir: Path = typer.Argument(..., help="The BIDS dataset (T1w images; age and sex from participants.tsv "
+                                    "and sessions.tsv)."),
+    output_dir: Path = typer.Argument(..., help="Output folder: a BIDS-derivatives dataset, e.g. "
+                                      "BIDS_DIR/derivatives/atlasmorph."),
+    analysis_level: str = typer.Argument(..., help="participant: segment the selected T1w images (dseg, sidecars, "
+                                         "their rows of volumes.tsv); group: check that volumes.tsv has a row for "
+                                         "every selected image and summarise it."),
+    outputs: Optional[str] = typer.Option(None, "--outputs", help="Comma-separated, from dseg, probseg, brainmask, "
+                                          "brain, qc, moved, template, warp, inverse, affine, jacobian (default "
+                                          "dseg)."),
+    skullstripped: bool = SkullstrippedOpt,
+    strict: bool = StrictOpt,
+    run: RunOptions = GROUP,
+) -> None:
+    """BIDS-App form: atlasmorph bids BIDS_DIR OUTPUT_DIR participant [--participant-label ...] (docs/bids.md)."""
+    from ..bids.layout import check_bids_root
+    from .bids_batch import group_summary
+    from .run import run_request
+
+    check_bids_root(bids_dir)  # not a folder of images: this form takes a BIDS dataset only
+    if analysis_level == "group":
+        typer.echo(group_summary(bids_dir, output_dir, run.selection()))
+        return
+    if analysis_level != "participant":
+        raise typer.BadParameter(f"'{analysis_level}': the analysis level is participant or group",
+                                 param_hint="ANALYSIS_LEVEL")
+    run_request(_request("segment", bids_dir, SubjectOptions(skullstripped=skullstripped, strict=strict), run, {},
+                         out_dir=output_dir, output_names=outputs), _warn)
 
 
 # ----------------------------------------------------------------------------------------- build

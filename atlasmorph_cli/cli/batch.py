@@ -2,6 +2,9 @@
 
 The positional input is a batch when it is
 
+* a BIDS dataset (a folder with dataset_description.json and sub-* folders): its T1w images, with
+  attributes from participants.tsv/sessions.tsv and BIDS-derivatives outputs (cli.bids_batch,
+  docs/bids.md; the table below does not apply);
 * a folder: every ``.nii``/``.nii.gz``/``.mgz`` file directly in it (sorted; hidden files skipped);
 * a text list (``.txt``): one image path per line (blank lines and ``#`` comments skipped);
 * a cohort CSV (``.csv``): a ``t1`` column, optional ``mask`` (else ``seg``: ``seg > 0`` is the brain
@@ -49,7 +52,8 @@ both       qc              ``sub-<label>_desc-atlasmorph_qc.png`` (--qc, the QC 
                            ``qc_index.html`` in --out-dir: every picture of the run, flagged first
 =========  ==============  ====================================================================
 
-Defaults: register ``moved,warp,labels``; segment ``dseg``. ``--warp-format`` applies to the warps.
+Defaults: register ``moved,warp,labels``; segment ``dseg``. A segment batch may also ask for register's
+outputs but labels (its dseg is the same file). ``--warp-format`` applies to the warps.
 
 The batch itself runs in cli.run (`run_batch`, one model load for all subjects). A subject
 that fails is reported in one line and the run goes on; each subject's outputs appear
@@ -62,8 +66,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import AtlasMorphError
-from ..io.volumes import SUFFIXES, image_stem
+from ..io.volumes import SUFFIXES, check_output_dir, image_stem
 from ..training.cohort import read_cohort
+from .volumes_table import read_volume_rows, write_volumes
 
 LIST_SUFFIXES = (".txt", ".csv")
 REGISTER_OUTPUTS = {
@@ -84,6 +89,8 @@ SEGMENT_OUTPUTS.update(QC_OUTPUTS)
 QC_INDEX_NAME = "qc_index.html"
 REGISTER_OUTPUTS.update(BRAIN_OUTPUTS)
 SEGMENT_OUTPUTS.update(BRAIN_OUTPUTS)
+# a segment batch (and the BIDS-App form) may keep the transforms too: one registration, both kinds of output
+SEGMENT_OUTPUTS.update({k: v for k, v in REGISTER_OUTPUTS.items() if k not in SEGMENT_OUTPUTS and k != "labels"})
 DEFAULT_OUTPUTS = {"register": "moved,warp,labels", "segment": "dseg"}
 VOLUMES_NAME = "volumes.csv"
 MAX_LISTED = 10
@@ -91,16 +98,27 @@ MAX_LISTED = 10
 
 @dataclass
 class BatchSubject:
-    """One subject of a batch: id (as given), BIDS label, image, optional mask and raw attributes."""
+    """One subject of a batch: id (as given), BIDS label, image, optional mask and raw attributes.
+
+    `bids`: the image's place in a BIDS dataset (bids.BidsInput) when the batch is one; its outputs are
+    then named by the derivatives writer (cli.bids_batch), not by `name`.
+    """
 
     id: str
     label: str
     t1: Path
     mask: Path | None = None
-    attrs: dict[str, str | None] = field(default_factory=dict)
+    attrs: dict[str, object] = field(default_factory=dict)
+    bids: object | None = None
 
     def name(self, suffix: str) -> str:
         return f"sub-{self.label}_{suffix}"
+
+    @property
+    def tag(self) -> str:
+        """How messages and the quality records name the subject: sub-<label>, or the BIDS image
+        (sub-01_ses-2: one participant may have several images)."""
+        return self.id if self.bids is not None else f"sub-{self.label}"
 
 
 @dataclass
@@ -109,6 +127,50 @@ class BatchResult:
     failed: list[tuple[BatchSubject, str]]
     volumes: Path | None = None
     qualities: list = field(default_factory=list)  # quality.Quality of every subject done in this run
+
+
+class FolderOutputs:
+    """Where a folder, list or cohort-CSV batch writes: ``--out-dir/sub-<label>_<suffix>`` and, for
+    segment, the volumes CSV (``--out-dir/volumes.csv`` or ``--vol``). cli.bids_batch.BidsOutputs is the
+    same interface for a BIDS dataset."""
+
+    def __init__(self, command: str, out_dir: Path, names: list[str], vol: Path | None):
+        self.out_dir, self.names, self.vol = out_dir, names, vol
+        self._table = output_table(command)
+
+    def paths(self, s: BatchSubject, create: bool = False) -> dict[str, Path]:  # noqa: ARG002 (one folder)
+        """{output name: path} of the requested outputs and the quality record (always written)."""
+        return {**{n: self.out_dir / s.name(self._table[n]) for n in self.names},
+                "quality": self.out_dir / s.name(QUALITY_NAME)}
+
+    def outputs_of(self, s: BatchSubject) -> list[Path]:
+        """The requested outputs of a subject (all present: the subject is done)."""
+        paths = self.paths(s)
+        return [paths[n] for n in self.names]
+
+    def start(self, model_path: Path) -> None:  # noqa: ARG002 (nothing describes a plain folder)
+        """Called once, with the model file, before the first subject."""
+
+    def described(self, s: BatchSubject, attrs: dict | None, quality) -> list:  # noqa: ARG002
+        """Writers of the files that describe a subject's outputs (none here)."""
+        return []
+
+    def write_table(self, rows: list[tuple[str, list[str]]]) -> None:
+        """The volumes table of this run: (subject id, cells) rows."""
+        write_volumes(self.vol, rows, [1.0] * len(rows))
+
+    def read_table(self, subjects: list[BatchSubject]) -> dict[str, list[str]]:  # noqa: ARG002
+        """{subject id: cells} of the existing volumes table (--skip-existing takes them over)."""
+        return read_volume_rows(self.vol) if self.vol is not None else {}
+
+
+def segment_volumes_path(out_dir: Path, vol: Path | None) -> Path:
+    """segment's volumes CSV of a folder/list/CSV batch: --vol, else --out-dir/volumes.csv."""
+    vol = vol if vol is not None else out_dir / VOLUMES_NAME
+    if vol.suffix.lower() != ".csv":
+        raise AtlasMorphError(f"--vol {vol}: the volumes table must be a .csv file")
+    check_output_dir(vol)
+    return vol
 
 
 def is_batch_input(path: Path) -> bool:

@@ -3,9 +3,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import AtlasMorphError
 from ..inference.refine import REFINE_STEPS
+
+if TYPE_CHECKING:  # the bids package reads images (nibabel): not imported for --help
+    from ..bids import BidsSelection
 
 COMMANDS = ("register", "segment")
 
@@ -33,7 +37,7 @@ def attribute_values(age: float | None, sex: str | None, extra: list[str] | None
 class SubjectRequest:
     """What one `register` or `segment` run was asked to do, built by the command line (or a caller).
 
-    `image` is a T1 image, or a batch (a folder, a .txt list or a cohort .csv). A single image names
+    `image` is a T1 image, or a batch (a folder, a .txt list, a cohort .csv or a BIDS dataset). A single image names
     its outputs in `outputs` (output name -> path; the names of cli.outputs: moved, template, warp,
     inverse, affine, labels, jacobian for register; dseg, probseg for segment; brainmask, brain,
     quality, qc for both); a batch names them in `output_names` (--outputs) and writes them to `out_dir`.
@@ -58,6 +62,7 @@ class SubjectRequest:
     skip_existing: bool = False
     template: Path | None = None  # --template: a template T1 in MNI space (e.g. from `build`) instead of the model's
     template_labels: Path | None = None  # --template-labels: its labels (FreeSurfer ids or 4D probabilities)
+    bids: BidsSelection | None = None  # which images of a BIDS dataset (--participant-label, ...)
 
     def __post_init__(self) -> None:
         if self.command not in COMMANDS:

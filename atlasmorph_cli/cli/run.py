@@ -26,9 +26,8 @@ from ..io.volumes import Volume, all_or_nothing, check_output_dir, load_volume, 
 from ..model.model_file import AtlasMorph
 from ..model.shipped import load
 from ..progress import progress_bar
-from .batch import (MAX_LISTED, QC_INDEX_NAME, QC_OUTPUTS, QUALITY_NAME, VOLUMES_NAME,
-                    BatchResult, BatchSubject, is_batch_input, output_table, parse_outputs, read_batch_input,
-                    subject_attrs)
+from .batch import (MAX_LISTED, QC_INDEX_NAME, VOLUMES_NAME, BatchResult, BatchSubject, FolderOutputs,
+                    is_batch_input, parse_outputs, read_batch_input, segment_volumes_path, subject_attrs)
 from .batch_resume import keep_finished, skip_finished
 from .outputs import (MNI_XFORM, REGISTER_FLAGS, SEGMENT_FLAGS, SUBJECT_FLAGS, brain_writes, check_outputs,
                       check_warp_format, qc_write, register_writes)
@@ -148,6 +147,7 @@ def strict_exit(strict: bool, qualities: list[Quality]) -> None:
 
 def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: SubjectRequest, paths: dict[str, Path],
                     name: str, attrs: dict | None, warn: Warn, table: Path | None = None,
+                    described: Callable[[Quality], list] | None = None,
                     template: Template | None = None) -> tuple[Quality, list | None]:
     """Register one subject, check its quality and write the outputs in `paths` (output name -> path) together.
 
@@ -165,7 +165,8 @@ def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: Sub
         if paths.get("probseg"):  # frame by frame: the 35 native frames are never held together
             writes.append(lambda: save_native_probs(reg, paths["probseg"]))
     else:
-        writes = register_writes(reg, req.warp_format, paths)
+        writes = []
+    writes += register_writes(reg, req.warp_format, paths)  # segment: a batch's --outputs warp, moved, ...
     writes += brain_writes(subj, brain, paths)
     if paths.get("quality"):
         writes.append(lambda: write_quality(paths["quality"], [q]))
@@ -173,6 +174,8 @@ def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: Sub
         writes.append(qc_write(reg, brain, q, paths["qc"], attrs, seg))
     if table is not None:
         writes.append(lambda: write_volumes(table, [(name, cells)], [1.0]))
+    if described is not None:  # a BIDS batch: each output's sidecar, written with the images
+        writes += described(q)
     with all_or_nothing():
         for w in writes:
             w()
@@ -218,6 +221,31 @@ def run_single(req: SubjectRequest, warn: Warn) -> None:
 
 
 # ----------------------------------------------------------------------------------------- a batch
+def batch_inputs(req: SubjectRequest, names: list[str], warn: Warn):
+    """(subjects, outputs layout) of a batch: a BIDS dataset (cli.bids_batch), or a folder, list or cohort CSV."""
+    from ..bids import BidsSelection, is_bids_root
+
+    source, out_dir = req.image, req.out_dir
+    selection = req.bids or BidsSelection()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AtlasMorphError(f"--out-dir {out_dir}: exists and is not a folder")
+    if is_bids_root(source):
+        from .bids_batch import BidsOutputs, bids_subjects
+
+        if req.vol is not None:
+            raise AtlasMorphError("--vol: not used with a BIDS dataset (the volumes go to volumes.tsv in --out-dir)")
+        subjects = bids_subjects(source, selection, warn)
+        return subjects, BidsOutputs(source, out_dir, names, subjects, req.command == "segment")
+    if selection.given:
+        raise AtlasMorphError(f"{source}: --participant-label, --session-label and --bids-filter are for a BIDS "
+                              "dataset (a folder with dataset_description.json and sub-* folders)")
+    subjects = read_batch_input(source)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir(out_dir / VOLUMES_NAME)
+    vol = segment_volumes_path(out_dir, req.vol) if req.command == "segment" else None
+    return subjects, FolderOutputs(req.command, out_dir, names, vol)
+
+
 def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
               on_subject: Callable[[int, BatchSubject, str | None], None] | None = None,
               quiet: bool = False) -> BatchResult:
@@ -233,54 +261,38 @@ def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
     if out_dir is None:
         raise AtlasMorphError(f"{source}: a batch input (folder, .txt or .csv) needs --out-dir")
     names = parse_outputs(command, req.output_names)
-    subjects = read_batch_input(source)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AtlasMorphError(f"--out-dir {out_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    check_output_dir(out_dir / VOLUMES_NAME)
-    vol = None
-    if command == "segment":
-        vol = req.vol if req.vol is not None else out_dir / VOLUMES_NAME
-        if vol.suffix.lower() != ".csv":
-            raise AtlasMorphError(f"--vol {vol}: the volumes table must be a .csv file")
-        check_output_dir(vol)
-    table = output_table(command)
+    subjects, layout = batch_inputs(req, names, warn)
+    vol = layout.vol
+    check_batch_outputs(source, subjects, out_dir, layout.outputs_of, vol, req.model_path)  # no output is an input
 
-    def outputs_of(s: BatchSubject) -> list[Path]:
-        return [out_dir / s.name(table[n]) for n in names]
-
-    check_batch_outputs(source, subjects, out_dir, outputs_of, vol, req.model_path)  # no output may be an input
-
-    _, model = load(req.model_path, req.threads)
+    model_path, model = load(req.model_path, req.threads)
+    layout.start(model_path)
     attr_names = model.config.encoder.names
     model.config.encoder.check_names(req.attrs)
     template = request_template(req, model, warn)
     volumes: list[tuple[str, object]] = []
-    voxel_mm3: list[float] = []
     failed: list[tuple[BatchSubject, str]] = []
     qualities: list[Quality] = []
     if req.skip_existing:
-        subjects, skipped = skip_finished(subjects, outputs_of, vol, volumes, voxel_mm3)
+        subjects, skipped = skip_finished(subjects, layout, volumes)
         if skipped:
             warn([f"--skip-existing: {len(skipped)} subject(s) already done, {len(subjects)} to do"])
-    with progress_bar(quiet) as bar, keep_finished(vol, volumes, voxel_mm3, subjects, outputs_of):
+    with progress_bar(quiet) as bar, keep_finished(layout, volumes, subjects):
         task = bar.add_task(command, total=len(subjects))
         for i, s in enumerate(subjects):
             error = None
             try:
                 values = subject_attrs(s, req.attrs, attr_names)
-                vec = encode_request(model, values, warn, prefix=f"sub-{s.label}: ") if template is None else None
+                vec = encode_request(model, values, warn, prefix=f"{s.tag}: ") if template is None else None
                 subj = load_volume(s.t1)
                 mask = load_volume(s.mask) if s.mask else None
                 brain = resolve_brain(subj, mask, req.skullstripped and mask is None)
-                warn([f"sub-{s.label}: {w}" for w in brain.warnings])
-                paths = {n: out_dir / s.name(table[n]) for n in names}
-                paths["quality"] = out_dir / s.name(QUALITY_NAME)  # every subject's quality, always written
-                q, cells = process_subject(model, vec, subj, brain, req, paths, f"sub-{s.label}", values, warn,
-                                           template=template)
+                warn([f"{s.tag}: {w}" for w in brain.warnings])
+                paths = layout.paths(s, create=True)  # with the quality record, always written
+                q, cells = process_subject(model, vec, subj, brain, req, paths, s.tag, values, warn,
+                                           described=lambda q: layout.described(s, values, q), template=template)
                 if command == "segment":
                     volumes.append((s.id, cells))
-                    voxel_mm3.append(1.0)
                 qualities.append(q)
                 del subj, mask, brain
             except AtlasMorphError as exc:
@@ -289,7 +301,7 @@ def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
                 error = f"{type(exc).__name__}: {exc}"
             if error is not None:
                 failed.append((s, error))
-                where = f"sub-{s.label}" if str(s.t1) in error else f"sub-{s.label} ({s.t1})"
+                where = s.tag if str(s.t1) in error else f"{s.tag} ({s.t1})"
                 bar.console.print(Text.assemble(("atlasmorph: error: ", "bold red"), f"{where}: ",
                                                 " ".join(error.split())), soft_wrap=True)
             if on_subject is not None:
@@ -300,14 +312,14 @@ def run_batch(req: SubjectRequest, warn: Warn = lambda m: None, *,
     if "qc" in names and qualities:
         from ..inference.qc import qc_index
 
-        by_label = {f"sub-{s.label}": s for s in subjects}
-        qc_index(out_dir / QC_INDEX_NAME, [(q.subject, by_label[q.subject].name(QC_OUTPUTS["qc"]), q)
-                                           for q in qualities if q.subject in by_label])
+        by_tag = {s.tag: s for s in subjects}
+        qc_index(out_dir / QC_INDEX_NAME, [(q.subject, layout.paths(by_tag[q.subject])["qc"].relative_to(out_dir)
+                                            .as_posix(), q) for q in qualities if q.subject in by_tag])
     if command == "segment" and volumes:
-        write_volumes(vol, volumes, voxel_mm3)
+        layout.write_table(volumes)
         result.volumes = vol
     if failed:
-        listed = ", ".join(f"sub-{s.label}" for s, _ in failed[:MAX_LISTED])
+        listed = ", ".join(s.tag for s, _ in failed[:MAX_LISTED])
         more = f", ... ({len(failed) - MAX_LISTED} more)" if len(failed) > MAX_LISTED else ""
         rest = (f"the others were written to {out_dir}" if len(failed) < len(subjects)
                 else "nothing was written" + (f" (the {len(volumes)} rows of subjects done before are kept in {vol})"
