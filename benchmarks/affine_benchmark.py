@@ -30,12 +30,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from atlasmorph_cli import labels, metrics  # noqa: E402
-from atlasmorph_cli.affine import LEVELS, fit_affine  # noqa: E402
-from atlasmorph_cli.intensity import normalize  # noqa: E402
-from atlasmorph_cli.io import load_volume, save_volume  # noqa: E402
-from atlasmorph_cli.reference import mni_reference  # noqa: E402
-from atlasmorph_cli.space import MODEL_GRID, resample_labels  # noqa: E402
+from atlasmorph_cli import labels  # noqa: E402
+from atlasmorph_cli.training import metrics  # noqa: E402
+from atlasmorph_cli.geometry.affine import LEVELS, fit_affine  # noqa: E402
+from atlasmorph_cli.geometry.intensity import normalize  # noqa: E402
+from atlasmorph_cli.io.volumes import load_volume, save_volume  # noqa: E402
+from atlasmorph_cli.training.reference import mni_reference  # noqa: E402
+from atlasmorph_cli.geometry.space import MODEL_GRID, resample_labels  # noqa: E402
 
 
 class Ants:
@@ -173,7 +174,7 @@ def markdown(res: dict) -> str:
     lines = [
         "# Affine registration to MNI152",
         "",
-        "`atlasmorph_cli.affine.fit_affine` registers a brain-extracted T1 to the MNI152 brain on the model grid",
+        "`atlasmorph_cli.geometry.affine.fit_affine` registers a brain-extracted T1 to the MNI152 brain on the model grid",
         "(80 x 96 x 80, 2 mm) with a 12-parameter affine, implemented in PyTorch:",
         "",
         "- **Initialisation**: brain centres of mass matched; isotropic scale from the brain volumes; rotation",

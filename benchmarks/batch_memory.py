@@ -28,7 +28,8 @@ from pathlib import Path
 import numpy as np
 
 import common
-from atlasmorph_cli.batch import run_batch
+from atlasmorph_cli.cli.request import SubjectRequest
+from atlasmorph_cli.cli.run import run_batch
 from atlasmorph_cli.errors import AtlasMorphError
 from common import proc_status_mb
 
@@ -91,8 +92,9 @@ def main() -> None:
     rss_start = proc_status_mb("VmRSS")
     failed = 0
     try:
-        run_batch("segment", work / "cohort.csv", None, out_dir, None, model_path=args.model, threads=args.threads,
-                  on_subject=on_subject, quiet=args.quiet)
+        req = SubjectRequest("segment", work / "cohort.csv", out_dir=out_dir, model_path=args.model,
+                             threads=args.threads)
+        run_batch(req, on_subject=on_subject, quiet=args.quiet)
     except AtlasMorphError as exc:
         failed = sum(not r["ok"] for r in records)
         print(f"batch_memory: {exc}", file=sys.stderr)

@@ -31,11 +31,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from atlasmorph_cli.brain_extraction import resolve_brain  # noqa: E402
-from atlasmorph_cli.io import Volume, load_volume  # noqa: E402
+from atlasmorph_cli.inference.brain_extraction import resolve_brain  # noqa: E402
+from atlasmorph_cli.io.volumes import Volume, load_volume  # noqa: E402
 from atlasmorph_cli.labels import to_index  # noqa: E402
-from atlasmorph_cli.metrics import mean_dice  # noqa: E402
-from atlasmorph_cli.pipeline import encode_attributes, load, register  # noqa: E402
+from atlasmorph_cli.training.metrics import mean_dice  # noqa: E402
+from atlasmorph_cli.inference.registration import register_subject  # noqa: E402
+from atlasmorph_cli.inference.template import encode_attributes  # noqa: E402
+from atlasmorph_cli.model.shipped import load  # noqa: E402
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -64,14 +66,14 @@ def main() -> None:
         brain = resolve_brain(subj)
         t_extract = time.perf_counter() - t0
         vec, _ = encode_attributes(model, {"age": r["age"], "sex": r["sex"]})
-        reg = register(model, subj, vec, brain.as_volume(subj))
+        reg = register_subject(model, subj, vec, brain.as_volume(subj))
         lab, _ = reg.labels_to_native()
         t_total = time.perf_counter() - t_start
         seg = np.asarray(load_volume(r["seg"]).data).astype(np.int32)
         truth = to_index(seg)
         d_whole = mean_dice(to_index(lab, "freesurfer"), truth)
         own = Volume((seg > 0).astype(np.float32), subj.affine, subj.header)
-        lab_own, _ = register(model, subj, vec, own).labels_to_native()
+        lab_own, _ = register_subject(model, subj, vec, own).labels_to_native()
         d_own = mean_dice(to_index(lab_own, "freesurfer"), truth)
         res = dict(subject=sid, age=float(r["age"]), sex=r["sex"], source=brain.source,
                    mask_dice=dice(brain.mask, seg > 0), extract_s=t_extract, end_to_end_s=t_total,

@@ -28,7 +28,7 @@ def add_data_option(ap: argparse.ArgumentParser) -> None:
 
 def data_folder(given: Path | None = None) -> Path:
     """The shared data folder (--data, else ATLASMORPH_DATA or ../shared/data); exits with code 2 if absent."""
-    from atlasmorph_cli.datadir import find_data_dir
+    from atlasmorph_cli.io.datadir import find_data_dir
 
     data = given or find_data_dir()
     if data is None or not (data / "ixi" / "subjects.csv").is_file():
@@ -40,7 +40,7 @@ def data_folder(given: Path | None = None) -> Path:
 def model_file(given: Path | None) -> Path:
     """The model file to benchmark (--model, else the shipped one); exits with code 2 and the reason if none."""
     from atlasmorph_cli.errors import AtlasMorphError
-    from atlasmorph_cli.pipeline import resolve_model
+    from atlasmorph_cli.model.shipped import resolve_model
 
     try:
         return resolve_model(given)
@@ -77,7 +77,7 @@ def split_ids(split_path: Path | None, model_path: Path) -> tuple[dict, str]:
     """The train/validation subject lists: --split, else the model's configuration, else split.json beside it."""
     if split_path is not None:
         return json.loads(Path(split_path).read_text()), str(split_path)
-    from atlasmorph_cli.model import read_config
+    from atlasmorph_cli.model.model_file import read_config
 
     training = read_config(model_path).training or {}
     for key in ("split", "subjects"):
@@ -92,17 +92,15 @@ def split_ids(split_path: Path | None, model_path: Path) -> tuple[dict, str]:
                      "pass --split PATH (the split.json written by `atlasmorph train`)")
 
 
-def tests_module(name: str, script: str):
-    """A module of tests/ that a benchmark reuses (test cases, broken inputs); the tests folder must be on
-    the path (`PYTHONPATH=tests python benchmarks/<script>`), else a message saying so."""
+def tests_module(name: str):
+    """A module of tests/ that a benchmark reuses (the tests' own cases and broken inputs), imported with
+    the tests folder first on the path, as pytest imports it (its neighbours conftest, synthetic import by name)."""
     import importlib
 
-    try:
-        return importlib.import_module(name)
-    except ModuleNotFoundError as exc:
-        if exc.name not in (name, "synthetic", "conftest"):
-            raise
-        raise SystemExit(f"run with the tests folder on the path: PYTHONPATH=tests python benchmarks/{script}")
+    tests = str(ROOT / "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+    return importlib.import_module(name)
 
 
 def validation_rows(data: Path, split_path: Path = SHIPPED_SPLIT, n: int | None = None) -> list[dict]:

@@ -25,7 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from atlasmorph_cli.pipeline import load  # noqa: E402
+from atlasmorph_cli.model.shipped import load  # noqa: E402
 from template_figures import (  # noqa: E402
     STRUCTURE_GROUPS, parse_ages, sex_colour, sexes_of, subject_volumes, template_for, template_volumes, volume_panels,
 )

@@ -1,8 +1,8 @@
 """Run every bad-input case of tests/test_reliability.py through the CLI and write the table of the
 one-line messages into docs/reliability.md (between the error-table markers), so the doc stays true.
 
-    PYTHONPATH=tests python benchmarks/error_table.py            # rewrite the table in docs/reliability.md
-    PYTHONPATH=tests python benchmarks/error_table.py --print    # print it instead
+    python benchmarks/error_table.py            # rewrite the table in docs/reliability.md
+    python benchmarks/error_table.py --print    # print it instead
 
 Inputs are synthetic (tests/synthetic.py); it runs in a few seconds on a CPU and needs no data.
 """
@@ -17,7 +17,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import common  # noqa: E402
 
-RELIABILITY = common.tests_module("test_reliability", "error_table.py")  # the cases are the tests' own
+RELIABILITY = common.tests_module("test_reliability")  # the cases are the tests' own
 CASES, case_folder, fill = RELIABILITY.CASES, RELIABILITY.case_folder, RELIABILITY.fill
 make_inputs, run_inprocess = RELIABILITY.make_inputs, RELIABILITY.run_inprocess
 

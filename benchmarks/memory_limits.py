@@ -33,7 +33,7 @@ import numpy as np
 
 import common
 from atlasmorph_cli.limits import MAX_VOXELS
-from atlasmorph_cli.space import Grid, resample
+from atlasmorph_cli.geometry.space import Grid, resample
 
 LIMIT_GB = 3.0
 

@@ -30,7 +30,7 @@ written with FreeSurfer ids. Files go to WORKDIR/subjects/<perturbation>/ (outsi
 Methods (each returns a label map on the perturbed image's own grid, scored with Dice over the 34 structures;
 the AtlasMorph and ANTs code is segmentation_methods.py's, imported):
 
-  atlasmorph          pipeline.register + labels_to_native with the subject's true age and sex and the default
+  atlasmorph          register_subject + labels_to_native with the subject's true age and sex and the default
                       test-time refinement (what `atlasmorph segment IMG --mask MASK --age A --sex S` does);
                       MNI152: the population-average template (no attributes)
   atlasmorph-refine0  the same with `--refine 0`
@@ -170,7 +170,7 @@ def conform(brain: np.ndarray, mask: np.ndarray, index: np.ndarray, affine: np.n
     """(uint8 image, mask, index labels, affine) as `mri_convert --conform` + T1 normalisation would give:
     trilinear onto the conformed grid, nearest neighbour for mask and labels, then intensities scaled so
     that the median of the cerebral white matter (from the labels) is wm_value, clipped to 0..255, rounded."""
-    from atlasmorph_cli.space import Grid, resample
+    from atlasmorph_cli.geometry.space import Grid, resample
 
     dst = conform_affine(affine, np.shape(brain), size, voxel_mm)
     grid = Grid((size, size, size), dst)
@@ -234,8 +234,8 @@ def dice_on_grid(pred_index, pred_affine, truth_index, truth_affine) -> float:
     """Mean Dice over the 34 structures of a class-index map carried (nearest neighbour, by world coordinates)
     onto the truth's grid: a conformed 1 mm result scored on the subject's original 2 mm grid, against the
     original truth instead of its nearest-neighbour upsampled copy."""
-    from atlasmorph_cli import metrics
-    from atlasmorph_cli.space import Grid, resample
+    from atlasmorph_cli.training import metrics
+    from atlasmorph_cli.geometry.space import Grid, resample
 
     truth_index = np.asarray(truth_index)
     back = resample(np.ascontiguousarray(pred_index, dtype=np.float32), pred_affine,
@@ -245,7 +245,7 @@ def dice_on_grid(pred_index, pred_affine, truth_index, truth_affine) -> float:
 
 # ------------------------------------------------------------------------------------ test-set files
 def _save(path: Path, data, affine, dtype) -> None:
-    from atlasmorph_cli.io import save_volume
+    from atlasmorph_cli.io.volumes import save_volume
 
     save_volume(np.asarray(data), affine, path, dtype=dtype)
 
@@ -277,11 +277,11 @@ def make_case(subject: dict, name: str, workdir: Path, data_dir: Path, base_seed
     f = _files(folder, sid)
     if all(p.is_file() for p in f.values()) and json.loads(f["manifest"].read_text()) == manifest:
         return f
-    from atlasmorph_cli.io import load_volume
+    from atlasmorph_cli.io.volumes import load_volume
 
     if params["kind"] == "mni152":
-        from atlasmorph_cli.reference import MNI_LABELS, MNI_T1
-        from atlasmorph_cli.space import Grid, resample
+        from atlasmorph_cli.training.reference import MNI_LABELS, MNI_T1
+        from atlasmorph_cli.geometry.space import Grid, resample
 
         lab = load_volume(data_dir / MNI_LABELS)
         t1 = load_volume(data_dir / MNI_T1)
@@ -495,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # inherited by the workers
     import torch
 
-    from atlasmorph_cli.pipeline import REFINE_LR, REFINE_STEPS
+    from atlasmorph_cli.inference.refine import REFINE_LR, REFINE_STEPS
 
     torch.set_num_threads(args.threads)
     refine = REFINE_STEPS if args.refine is None else args.refine
@@ -561,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
             rec, _ = run_cached(task, None)
             if "error" in rec:
                 return rec
-        from atlasmorph_cli.io import load_volume
+        from atlasmorph_cli.io.volumes import load_volume
 
         pv = load_volume(pred)
         cf = files[("clean", r["subject"])]

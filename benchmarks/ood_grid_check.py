@@ -46,23 +46,25 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from atlasmorph_cli import pipeline
-    from atlasmorph_cli.io import Volume, load_volume
-    from atlasmorph_cli.space import Grid, resample
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes
+    from atlasmorph_cli.model.shipped import load
+    from atlasmorph_cli.io.volumes import Volume, load_volume
+    from atlasmorph_cli.geometry.space import Grid, resample
 
     torch.set_num_threads(args.threads)
     data_dir = common.data_folder()
-    _, model = pipeline.load(None, args.threads)
+    _, model = load(None, args.threads)
     val = common.validation_rows(data_dir, common.SHIPPED_SPLIT, args.subjects)
     out = []
     for r in val:
-        vec, _ = pipeline.encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
+        vec, _ = encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
         seg = {}
         for p in ("clean", "conform", "conform-float"):
             f = ood.make_case(r, p, args.workdir, data_dir, args.seed)
             t1, mask = load_volume(f["t1"]), load_volume(f["mask"]).data > 0
             brain = Volume(t1.data * mask, t1.affine, t1.header, t1.source)
-            reg = pipeline.register(model, brain, vec, Volume(mask.astype(np.float32), t1.affine), refine=args.refine)
+            reg = register_subject(model, brain, vec, Volume(mask.astype(np.float32), t1.affine), refine=args.refine)
             seg[p] = (reg.labels_to_native()[0], labels.to_index(load_volume(f["seg"]).data, "freesurfer"), t1.affine,
                       tuple(t1.shape))
         clean_pred, clean_truth, clean_aff, clean_shape = seg["clean"]

@@ -1,11 +1,11 @@
-"""Calibrate the quality check (atlasmorph_cli/quality.py): its figures on the IXI validation subjects
+"""Calibrate the quality check (atlasmorph_cli/inference/quality.py): its figures on the IXI validation subjects
 (whole-head T1, no mask, as a user runs `segment`; and again with their own DLMUSE mask, seg > 0, as
 --mask) and on deliberately broken inputs made from some of
 them (tests/broken_inputs.py: a whole-head scan passed as skull-stripped, flipped and rotated headers,
 inverted contrast, noise, a mask in the air, a mask taking in the skull, a 2-voxel slab; plus a
 smoothed probabilistic mask, which must pass).
 
-    OMP_NUM_THREADS=1 PYTHONPATH=tests python benchmarks/quality_calibration.py --threads 1 --broken-n 3 \\
+    OMP_NUM_THREADS=1 python benchmarks/quality_calibration.py --threads 1 --broken-n 3 \\
         --json docs/benchmarks/quality_calibration.json
 
 A broken input is caught when it is flagged or refused with an error; a validation subject must not be.
@@ -23,13 +23,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import numpy as np  # noqa: E402
 
 import common  # noqa: E402
-from atlasmorph_cli.brain_extraction import resolve_brain  # noqa: E402
+from atlasmorph_cli.inference.brain_extraction import resolve_brain  # noqa: E402
 from atlasmorph_cli.errors import AtlasMorphError  # noqa: E402
-from atlasmorph_cli.io import Volume, load_volume  # noqa: E402
-from atlasmorph_cli.pipeline import encode_attributes, load, register  # noqa: E402
-from atlasmorph_cli.quality import assess  # noqa: E402
+from atlasmorph_cli.io.volumes import Volume, load_volume  # noqa: E402
+from atlasmorph_cli.inference.registration import register_subject  # noqa: E402
+from atlasmorph_cli.inference.template import encode_attributes  # noqa: E402
+from atlasmorph_cli.model.shipped import load  # noqa: E402
+from atlasmorph_cli.inference.quality import assess  # noqa: E402
 
-BROKEN_INPUTS = common.tests_module("broken_inputs", "quality_calibration.py")  # the tests' own broken inputs
+BROKEN_INPUTS = common.tests_module("broken_inputs")  # the tests' own broken inputs
 BROKEN, PASSING = BROKEN_INPUTS.BROKEN, BROKEN_INPUTS.PASSING
 
 
@@ -38,7 +40,7 @@ def run_case(model, vec, subj: Volume, mask: Volume | None, skullstripped: bool,
     t0 = time.perf_counter()
     try:
         brain = resolve_brain(subj, mask, skullstripped)
-        reg = register(model, subj, vec, brain.as_volume(subj))
+        reg = register_subject(model, subj, vec, brain.as_volume(subj))
         q = assess(reg, brain.mask, name, brain.source)
         out = q.to_dict()
         out["caught"] = q.flagged

@@ -1,7 +1,7 @@
 """Instance optimisation at test time: Dice and seconds against the number of refinement steps.
 
 For the validation (or --subjects train) subjects of a model (as in segmentation_benchmark.py: T1 skull-stripped with the
-subject's own DLMUSE mask, scored against its own labels in the native grid), runs `pipeline.register`
+subject's own DLMUSE mask, scored against its own labels in the native grid), runs `inference.registration.register_subject`
 with `refine` = each of --steps and each --lr, and prints mean Dice and wall seconds per setting.
 
     python benchmarks/refine_sweep.py --split docs/benchmarks/atlasmorph-ixi-2mm-v1_split.json \\
@@ -38,12 +38,16 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from atlasmorph_cli import labels, pipeline
-    from atlasmorph_cli.io import Volume
+    from atlasmorph_cli import labels
+    from atlasmorph_cli.inference.refine import REFINE_LR
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes
+    from atlasmorph_cli.model.shipped import load
+    from atlasmorph_cli.io.volumes import Volume
 
     torch.set_num_threads(args.threads)
     data_dir = common.data_folder(args.data)
-    model_path, model = pipeline.load(args.model, args.threads)
+    model_path, model = load(args.model, args.threads)
     split, source = common.split_ids(args.split, model_path)
     rows = common.pick_subjects(common.ixi_rows(data_dir), split.get(args.subjects, []), args.n)
     steps = [int(s) for s in args.steps.split(",")]
@@ -54,11 +58,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         brain, mask, truth = load_subject(r)
         mask_vol = Volume(mask.astype(np.float32), brain.affine)
-        vec, _ = pipeline.encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
+        vec, _ = encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
         line = [f"{r['subject']:<16} {float(r['age']):5.1f}"]
         for s, lr in settings:
             t0 = time.perf_counter()
-            reg = pipeline.register(model, brain, vec, mask_vol, refine=s, refine_lr=lr or pipeline.REFINE_LR)
+            reg = register_subject(model, brain, vec, mask_vol, refine=s, refine_lr=lr or REFINE_LR)
             seg, _ = reg.labels_to_native()
             wall = time.perf_counter() - t0
             d = score(labels.to_index(seg, "freesurfer"), truth)["dice"]

@@ -6,7 +6,7 @@ grid, and returns a 34-structure label map on that grid, scored (Dice) against t
 DLMUSE labels mapped to the 34 structures:
 
   atlasmorph           the conditional template for the subject's true age and sex
-                       (pipeline.register + labels_to_native, what `atlasmorph segment` runs)
+                       (register_subject + labels_to_native, what `atlasmorph segment` runs)
   atlasmorph-average   the same model, no attributes (population-average template)
   atlasmorph-baseline  an unconditional model (`atlasmorph train --attributes none`), --baseline
   ants-syncc-mni       ants.registration(fixed=subject brain at 2 mm, moving=MNI152 brain, 'SyNCC'),
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # inherited by the workers
     import torch
 
-    from atlasmorph_cli.pipeline import REFINE_LR, REFINE_STEPS
+    from atlasmorph_cli.inference.refine import REFINE_LR, REFINE_STEPS
 
     torch.set_num_threads(args.threads)
     if args.refine is None:

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 import common
-from atlasmorph_cli import labels, metrics  # numpy-only modules: workers stay torch-free
+from atlasmorph_cli import labels  # with training.metrics below: numpy-only, workers stay torch-free
+from atlasmorph_cli.training import metrics
 
 OURS = ("atlasmorph", "atlasmorph-average", "atlasmorph-baseline")
 ANTS = ("ants-syncc-mni", "ants-syncc-built")
@@ -66,7 +67,7 @@ def load_subject(task: dict):
 
     Optional task entries (used by ood_benchmark.py): "mask", a brain-mask file (> 0) used instead of
     seg > 0, and "seg_scheme", the numbering of the seg file ("muse", the default, or "freesurfer")."""
-    from atlasmorph_cli.io import Volume, load_volume
+    from atlasmorph_cli.io.volumes import Volume, load_volume
 
     t1 = load_volume(task["t1"])
     seg = load_volume(task["seg"])
@@ -78,7 +79,7 @@ def load_subject(task: dict):
 def _save_prediction(task: dict, pred_index: np.ndarray, affine: np.ndarray) -> None:
     """Write the predicted class-index map (uint8) to task["pred_out"] when the task asks for it."""
     if task.get("pred_out"):
-        from atlasmorph_cli.io import save_volume
+        from atlasmorph_cli.io.volumes import save_volume
 
         Path(task["pred_out"]).parent.mkdir(parents=True, exist_ok=True)
         save_volume(np.asarray(pred_index, dtype=np.uint8), affine, task["pred_out"], dtype=np.uint8)
@@ -94,14 +95,16 @@ def _ours(task: dict) -> dict:
     """An AtlasMorph method: template for the task's attributes (or none), register, labels to native."""
     import torch
 
-    from atlasmorph_cli import pipeline
-    from atlasmorph_cli.io import Volume
-    from atlasmorph_cli.nn.layers import jacobian_determinant
-    from atlasmorph_cli.space import resample
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes
+    from atlasmorph_cli.model.shipped import load
+    from atlasmorph_cli.io.volumes import Volume
+    from atlasmorph_cli.model.layers import jacobian_determinant
+    from atlasmorph_cli.geometry.space import resample
 
     brain, mask, truth = load_subject(task)
     t0 = time.perf_counter()
-    _, model = pipeline.load(Path(task["model"]), task["threads"])
+    _, model = load(Path(task["model"]), task["threads"])
     load_s = time.perf_counter() - t0
     attrs = None
     if task["conditional"]:
@@ -109,8 +112,8 @@ def _ours(task: dict) -> dict:
     mask_vol = Volume(mask.astype(np.float32), brain.affine)
 
     t0, c0 = time.perf_counter(), time.process_time()
-    vec, _ = pipeline.encode_attributes(model, attrs)
-    reg = pipeline.register(model, brain, vec, mask_vol, refine=task["refine"], refine_lr=task["refine_lr"])
+    vec, _ = encode_attributes(model, attrs)
+    reg = register_subject(model, brain, vec, mask_vol, refine=task["refine"], refine_lr=task["refine_lr"])
     seg, _ = reg.labels_to_native()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 
@@ -121,8 +124,8 @@ def _ours(task: dict) -> dict:
     # folding: the field that pulls the template into the subject's affinely aligned frame (model grid),
     # inside the subject's brain carried into that frame (the counterpart of ANTs' forward warp)
     with torch.no_grad():
-        det = jacobian_determinant(reg.fwd[None])[0].numpy()
-        det_inv = jacobian_determinant(reg.inv[None])[0].numpy()
+        det = jacobian_determinant(reg.template_to_subject_field[None])[0].numpy()
+        det_inv = jacobian_determinant(reg.subject_to_template_field[None])[0].numpy()
     subj_mask = resample(mask.astype(np.float32), brain.affine, grid, world=reg.world) >= 0.5
     tmpl_mask = reg.template.probs[0] < 0.5
     rec.update({
@@ -130,7 +133,7 @@ def _ours(task: dict) -> dict:
         "folding_pct": folding_percent(det, subj_mask),
         "folding_pct_template_grid": folding_percent(det_inv, tmpl_mask),
         # centrality: the deformable template -> subject map on the template grid, inside the template's brain
-        "mean_disp_mm": mean_magnitude(reg.inv.numpy(), tmpl_mask, spacing),
+        "mean_disp_mm": mean_magnitude(reg.subject_to_template_field.numpy(), tmpl_mask, spacing),
     })
     return rec
 
@@ -156,7 +159,7 @@ def _at_working_resolution(ants, img, interp: int):
 
 def write_float(data, affine, path: Path) -> Path:
     """Save an array as float32 NIfTI (for ANTs, which reads files)."""
-    from atlasmorph_cli.io import save_volume
+    from atlasmorph_cli.io.volumes import save_volume
 
     save_volume(np.asarray(data, dtype=np.float32), affine, path)
     return path
@@ -164,7 +167,7 @@ def write_float(data, affine, path: Path) -> Path:
 
 def _ants(task: dict) -> dict:
     """An ANTs method: register the template to the subject's brain, pull its labels into the native grid."""
-    from atlasmorph_cli.intensity import normalize
+    from atlasmorph_cli.geometry.intensity import normalize
 
     ants = _ants_setup(task)
     scratch = Path(tempfile.mkdtemp(prefix="ants-", dir=task["scratch"]))
@@ -221,7 +224,7 @@ def _stdout_to(path: str | None):
 
 def _build_template(task: dict) -> dict:
     """ants.build_template from training brains, then its labels by majority vote of theirs warped to it."""
-    from atlasmorph_cli.intensity import normalize
+    from atlasmorph_cli.geometry.intensity import normalize
 
     ants = _ants_setup(task)
     scratch = Path(tempfile.mkdtemp(prefix="build-", dir=task["scratch"]))
@@ -284,9 +287,9 @@ def in_fresh_process(task: dict) -> dict:
 def prepare_mni(data_dir: Path, work: Path) -> tuple[Path, Path]:
     """The MNI152 brain on the model grid (2 mm, as our affine reference) and its DLMUSE labels at 1 mm
     as class indices 0..34, both written as NIfTI in MNI world coordinates for ANTs."""
-    from atlasmorph_cli.io import load_volume
-    from atlasmorph_cli.reference import MNI_LABELS, mni_reference
-    from atlasmorph_cli.space import MODEL_GRID
+    from atlasmorph_cli.io.volumes import load_volume
+    from atlasmorph_cli.training.reference import MNI_LABELS, mni_reference
+    from atlasmorph_cli.geometry.space import MODEL_GRID
 
     t1, lab = work / "mni152_brain_2mm.nii.gz", work / "mni152_dlmuse34_1mm.nii.gz"
     if not t1.is_file():

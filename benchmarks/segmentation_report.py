@@ -41,7 +41,7 @@ def markdown(res: dict) -> str:
         "labels mapped to the 34 structures (`atlasmorph_cli.labels`), mean over the structures present, then",
         "mean ± std over subjects.",
         "",
-        "- **AtlasMorph (age, sex)**: `pipeline.register` + `Registration.labels_to_native` with the subject's true",
+        "- **AtlasMorph (age, sex)**: `register_subject` + `Registration.labels_to_native` with the subject's true",
         "  age and sex, i.e. what `atlasmorph segment brain.nii.gz --mask seg.nii.gz --age A --sex S` computes"
         + (f", with {res['refine']} instance-optimisation steps (lr {res['refine_lr']:g}) on the network's velocity"
            f" (`--refine {res['refine']}`)." if res.get("refine") else ", the network's warp as is (`--refine 0`)."),

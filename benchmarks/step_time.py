@@ -28,14 +28,15 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
-from atlasmorph_cli.attributes import AttributeEncoder  # noqa: E402
-from atlasmorph_cli.cohort import load_prepared  # noqa: E402
+from atlasmorph_cli.model.attributes import AttributeEncoder  # noqa: E402
+from atlasmorph_cli.training.cohort import load_prepared  # noqa: E402
 from atlasmorph_cli.labels import N_CLASSES  # noqa: E402
-from atlasmorph_cli.model import AtlasMorph, ModelConfig  # noqa: E402
-from atlasmorph_cli.nn.networks import n_params  # noqa: E402
-from atlasmorph_cli.space import MODEL_GRID  # noqa: E402
-from atlasmorph_cli.augment import augment  # noqa: E402
-from atlasmorph_cli.train import TrainingStep, TrainSettings  # noqa: E402
+from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig  # noqa: E402
+from atlasmorph_cli.model.networks import n_params  # noqa: E402
+from atlasmorph_cli.geometry.space import MODEL_GRID  # noqa: E402
+from atlasmorph_cli.training.augment import augment  # noqa: E402
+from atlasmorph_cli.training.loop import TrainSettings  # noqa: E402
+from atlasmorph_cli.training.step import TrainingStep  # noqa: E402
 
 
 def busy_cpu_seconds() -> float:

@@ -13,7 +13,7 @@ writes into --out:
 
 The templates live in MNI space (every subject is affinely aligned to it before the deformable part), so
 by default (--space mni) each subject's native volume is divided by the determinant of its affine map to
-the MNI152 brain (atlasmorph_cli.affine.fit_affine, as training prepares subjects; read from a training
+the MNI152 brain (atlasmorph_cli.geometry.affine.fit_affine, as training prepares subjects; read from a training
 cache with --cache when there), i.e. both are head-size normalised volumes in MNI mm3. --space native
 plots the subjects' native volumes as measured, without that correction.
 """
@@ -33,7 +33,8 @@ import torch  # noqa: E402
 import common  # noqa: E402
 from atlasmorph_cli import labels  # noqa: E402
 from atlasmorph_cli.errors import AtlasMorphError  # noqa: E402
-from atlasmorph_cli.pipeline import Template, encode_attributes, load, make_template  # noqa: E402
+from atlasmorph_cli.inference.template import Template, encode_attributes, make_template  # noqa: E402
+from atlasmorph_cli.model.shipped import load  # noqa: E402
 
 # (title, FreeSurfer ids summed): left + right
 STRUCTURE_GROUPS = (
@@ -111,7 +112,7 @@ def montage(model, ages: list[float], path: Path) -> Path:
         for col, age in enumerate(ages):
             v = template_for(model, age, sex).t1
             cx, cy, cz = (s // 2 for s in v.shape)
-            # the same slices as atlasmorph_cli.report.template_montage (RAS model grid)
+            # the same slices as atlasmorph_cli.inference.report.template_montage (RAS model grid)
             slices = (v[:, :, cz + 4].T, v[:, cy + 6, :].T, v[cx + 6, :, :].T)
             for k, img in enumerate(slices):
                 ax = axes[3 * g + k, col]
@@ -132,11 +133,11 @@ def montage(model, ages: list[float], path: Path) -> Path:
 
 def subject_volumes(data_dir: Path, n: int | None, space: str, cache: Path | None, threads: int) -> list[dict]:
     """Each IXI subject's structure-group volumes from its own label map (MNI mm3 or native mm3)."""
-    from atlasmorph_cli.affine import fit_affine
-    from atlasmorph_cli.intensity import normalize
-    from atlasmorph_cli.io import load_volume
-    from atlasmorph_cli.reference import mni_reference
-    from atlasmorph_cli.space import MODEL_GRID
+    from atlasmorph_cli.geometry.affine import fit_affine
+    from atlasmorph_cli.geometry.intensity import normalize
+    from atlasmorph_cli.io.volumes import load_volume
+    from atlasmorph_cli.training.reference import mni_reference
+    from atlasmorph_cli.geometry.space import MODEL_GRID
 
     rows = common.with_attributes([r for r in common.ixi_rows(data_dir) if r.get("seg")], n)
     ref = mni_reference(data_dir)[0] if space == "mni" else None

@@ -1,9 +1,7 @@
 """The perturbations of benchmarks/ood_benchmark.py do what they claim (synthetic volumes, no ANTs, no data)."""
 from __future__ import annotations
 
-import importlib
 import json
-from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -11,17 +9,8 @@ import pytest
 
 from atlasmorph_cli import labels
 
+import ood_benchmark as ood  # benchmarks/, on pytest's pythonpath (pyproject.toml)
 from conftest import psr_affine
-
-BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-
-
-@pytest.fixture(scope="module")
-def ood():
-    """benchmarks/ood_benchmark.py, imported as the script imports its neighbours (their folder on the path)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.syspath_prepend(str(BENCHMARKS))
-        yield importlib.import_module("ood_benchmark")
 
 
 def _world(affine, ijk):
@@ -33,7 +22,7 @@ def _centroid_world(mask, affine):
 
 
 # ------------------------------------------------------------------------------------ bias field
-def test_bias_field_bounded_smooth_deterministic(ood):
+def test_bias_field_bounded_smooth_deterministic():
     shape = (40, 48, 36)
     f = ood.smooth_bias_field(shape, 0.4, seed=3)
     assert f.shape == shape and f.dtype == np.float32
@@ -58,13 +47,13 @@ def test_bias_field_bounded_smooth_deterministic(ood):
     assert np.abs(np.diff(h[mask].reshape(20, 24, 20), axis=0)).max() < 0.15
 
 
-def test_seed_is_stable_and_specific(ood):
+def test_seed_is_stable_and_specific():
     a = ood.seed_for(0, "IXI034-HH-1260", "bias40")
     assert a == ood.seed_for(0, "IXI034-HH-1260", "bias40")
     assert a != ood.seed_for(0, "IXI092-HH-1436", "bias40") and a != ood.seed_for(1, "IXI034-HH-1260", "bias40")
 
 
-def test_bias_perturbation_multiplies_inside_mask(ood):
+def test_bias_perturbation_multiplies_inside_mask():
     rng = np.random.default_rng(0)
     brain = rng.uniform(10, 100, (20, 22, 18)).astype(np.float32)
     mask = np.zeros(brain.shape, bool)
@@ -81,7 +70,7 @@ def test_bias_perturbation_multiplies_inside_mask(ood):
 
 # ------------------------------------------------------------------------------------ gamma
 @pytest.mark.parametrize("gamma", [0.6, 1.6])
-def test_gamma_monotone_keeps_ends(ood, gamma):
+def test_gamma_monotone_keeps_ends(gamma):
     data = np.linspace(0.0, 250.0, 8 * 9 * 10, dtype=np.float32).reshape(8, 9, 10)
     mask = np.ones(data.shape, bool)
     mask[0, 0, :3] = False  # outside the mask: zero
@@ -98,7 +87,7 @@ def test_gamma_monotone_keeps_ends(ood, gamma):
 
 
 # ------------------------------------------------------------------------------------ conform
-def test_conform_affine_is_lia_1mm_centred(ood):
+def test_conform_affine_is_lia_1mm_centred():
     aff = psr_affine()
     shape = (120, 120, 90)
     c = ood.conform_affine(aff, shape)
@@ -125,7 +114,7 @@ def _blob_subject(shape=(40, 44, 36), zoom=2.0):
     return brain, mask, index, aff, blob & mask
 
 
-def test_conform_grid_orientation_world_and_scaling(ood):
+def test_conform_grid_orientation_world_and_scaling():
     brain, mask, index, aff, blob = _blob_subject()
     img, m, idx, caff = ood.conform(brain, mask, index, aff)
     assert img.shape == (256, 256, 256) and img.dtype == np.uint8
@@ -149,7 +138,7 @@ def test_conform_grid_orientation_world_and_scaling(ood):
     assert np.all(img[~m] == 0)
 
 
-def test_conform_float_control_keeps_intensities(ood):
+def test_conform_float_control_keeps_intensities():
     brain, mask, index, aff, _ = _blob_subject()
     params = {**ood.PERTURBATIONS["conform-float"], "size": 128}  # a smaller grid keeps the test fast
     img, m, idx, caff = ood.perturb(brain, mask, index, aff, params, seed=0)
@@ -157,7 +146,7 @@ def test_conform_float_control_keeps_intensities(ood):
     assert np.median(img[np.isin(idx, ood.WM_INDICES) & m]) == pytest.approx(80.0, abs=0.5)
 
 
-def test_conform_works_from_any_orientation(ood):
+def test_conform_works_from_any_orientation():
     # the same subject stored RAS 2 mm (flipped axes) gives the same conformed volume
     brain, mask, index, aff, _ = _blob_subject()
     img = nib.Nifti1Image(brain, aff)
@@ -180,13 +169,13 @@ def test_conform_works_from_any_orientation(ood):
 
 
 # ------------------------------------------------------------------------------------ thick slices
-def test_slice_axis_is_superior_inferior(ood):
+def test_slice_axis_is_superior_inferior():
     assert ood.slice_axis(psr_affine()) == 1  # PSR: j -> S
     assert ood.slice_axis(np.diag([2.0, 2.0, 2.0, 1.0])) == 2  # RAS
     assert ood.slice_axis(ood.conform_affine(psr_affine(), (10, 10, 10))) == 1  # LIA: j -> I
 
 
-def test_thick_slices_average_and_interpolate(ood):
+def test_thick_slices_average_and_interpolate():
     n = 30
     ramp = np.broadcast_to(np.arange(n, dtype=np.float32)[None, :, None], (4, n, 5)).copy()
     out = ood.thick_slices(ramp, axis=1, factor=3)
@@ -210,7 +199,7 @@ def test_thick_slices_average_and_interpolate(ood):
 
 
 # ------------------------------------------------------------------------------------ files and summary
-def test_write_case_truth_is_34_structures(ood, tmp_path):
+def test_write_case_truth_is_34_structures(tmp_path):
     brain, mask, index, aff, _ = _blob_subject((12, 14, 10))
     f = ood.write_case(tmp_path, "s1", brain, mask, index, aff, {"x": 1})
     seg = nib.load(str(f["seg"]))
@@ -220,7 +209,7 @@ def test_write_case_truth_is_34_structures(ood, tmp_path):
     assert json.loads(f["manifest"].read_text()) == {"x": 1}
 
 
-def test_summary_drops_checks_and_refinement(ood):
+def test_summary_drops_checks_and_refinement():
     def rec(d):
         return {"dice": d}
 
@@ -248,7 +237,7 @@ def test_summary_drops_checks_and_refinement(ood):
     assert "bias field ±40 %" in md and "**no**" in md and "note" in md
 
 
-def test_dice_on_grid_carries_a_conformed_map_back(ood):
+def test_dice_on_grid_carries_a_conformed_map_back():
     brain, mask, index, aff, _ = _blob_subject()
     _, _, idx, caff = ood.conform(brain, mask, index, aff, size=128)
     assert ood.dice_on_grid(idx, caff, index, aff) == pytest.approx(1.0)  # 2 mm centres are 1 mm centres
@@ -256,7 +245,7 @@ def test_dice_on_grid_carries_a_conformed_map_back(ood):
     assert ood.dice_on_grid(shifted, caff, index, aff) < 0.99
 
 
-def test_summary_counts_the_clean_grid_dice_when_there(ood):
+def test_summary_counts_the_clean_grid_dice_when_there():
     results = {"clean": {"a": {"atlasmorph": {"dice": 0.80}}},
                "conform": {"a": {"atlasmorph": {"dice": 0.75, "dice_clean_grid": 0.795}}}}
     s = ood.summarise(results, ["atlasmorph"], ["clean", "conform"])

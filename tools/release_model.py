@@ -8,14 +8,12 @@ released file itself, so they describe exactly what users get.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from atlasmorph_cli.model import load_model, save_model, sha256  # noqa: E402
+from atlasmorph_cli.model.model_file import load_model, save_model
+from atlasmorph_cli.model.shipped import sha256
 
 
 def main(argv: list[str] | None = None) -> int:
