@@ -24,8 +24,8 @@ from rich.text import Text
 from .. import __version__
 from ..errors import AtlasMorphError
 from ..model.loss_weights import LossWeights
-from .options import (GROUP, AttrOpt, ModelOpt, RunOptions, SexOpt, SkullstrippedOpt, StrictOpt, SubjectOptions,
-                      ThreadsOpt, with_option_groups)
+from .options import (GROUP, AttrOpt, BidsFilterOpt, ModelOpt, ParticipantOpt, RunOptions, SessionOpt, SexOpt,
+                      SkullstrippedOpt, StrictOpt, SubjectOptions, ThreadsOpt, with_option_groups)
 from .request import SubjectRequest, attribute_values
 
 err = Console(stderr=True)
@@ -107,7 +107,9 @@ def _warn(messages: list[str]) -> None:
 # ----------------------------------------------------------------------------------------- train
 @app.command("train")
 def train_command(
-    data: Path = typer.Option(..., "--data", help="Cohort CSV: t1, optional seg/mask, attribute columns."),
+    data: Path = typer.Option(..., "--data", help="Cohort CSV (t1, optional seg/mask, attribute columns) or a BIDS "
+                              "dataset (T1w images, age/sex from participants.tsv, dseg from a derivatives "
+                              "folder; docs/bids.md)."),
     out: Path = typer.Option(..., "--out", help="Output folder: checkpoint, model.safetensors, history, split."),
     attributes: str = typer.Option("age,sex", help="Comma-separated attribute columns, or 'none' (unconditional)."),
     steps: int = typer.Option(1500, min=1, help="Training steps."),
@@ -152,16 +154,30 @@ def train_command(
     workers: int = typer.Option(2, min=1, help="Processes for cohort preparation."),
     device: str = typer.Option("cpu", help="cpu or cuda (the first GPU, or the LOCAL_RANK one under torchrun)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    participant_label: Optional[list[str]] = ParticipantOpt,
+    session_label: Optional[list[str]] = SessionOpt,
+    bids_filter: Optional[list[str]] = BidsFilterOpt,
+    seg_derivatives: Optional[str] = typer.Option(
+        None, "--seg-derivatives", help="BIDS dataset: the derivatives folder (a name under BIDS_ROOT/derivatives/, "
+                                        "or a path) with sub-<s>[_ses-<t>]..._dseg.nii[.gz] segmentations of the "
+                                        "T1w images; default: the one folder that has them; 'none': no labels."),
 ) -> None:
     """Train a conditional template + registration model on a cohort."""
+    from ..bids import BidsSelection, is_bids_root
     from ..model.losses import IMAGE_LOSSES
     from ..training.loop import TrainSettings, train as run_train
     from ..training.reference import training_reference
 
     if device not in ("cpu", "cuda"):
         raise AtlasMorphError(f"--device must be cpu or cuda, got '{device}'")
-    if not data.is_file():
-        raise AtlasMorphError(f"{data}: no such cohort file")
+    bids = is_bids_root(data)
+    if not data.is_file() and not bids:
+        what = " (a folder, but not a BIDS dataset: no dataset_description.json or sub-* folders)"
+        raise AtlasMorphError(f"{data}: no such cohort file" + (what if data.is_dir() else ""))
+    selection = BidsSelection.from_options(participant_label, session_label, bids_filter)
+    if not bids and (selection.given or seg_derivatives is not None):
+        raise AtlasMorphError("--participant-label, --session-label, --bids-filter and --seg-derivatives are for a "
+                              "BIDS dataset")
     if split is not None and not split.is_file():
         raise AtlasMorphError(f"--split {split}: no such file")
     if image_loss not in IMAGE_LOSSES:
@@ -179,6 +195,7 @@ def train_command(
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
         template_deform=template_deform, augment=augment, shape_every=shape_every,
+        bids=selection if bids else None, seg_derivatives=seg_derivatives,
     )
     final = run_train(settings, training_reference(reference, init))
     err.print(f"model written to {final}")

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from rich.progress import TextColumn
 
+from ..bids.layout import BidsSelection, is_bids_root
 from ..errors import AtlasMorphError
 from ..geometry.space import MODEL_GRID, Grid
 from ..io.volumes import atomic_path
@@ -29,6 +30,7 @@ from ..model.model_file import AtlasMorph, ModelConfig, load_model, save_model
 from ..progress import progress_bar
 from . import runs
 from .augment import augment
+from .bids_cohort import read_bids_cohort
 from .checkpoints import load_checkpoint, save_checkpoint
 from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from .split import apply_split, read_split, split_subjects, usable_subjects
@@ -39,7 +41,7 @@ from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_temp
 class TrainSettings:
     """Everything `atlasmorph train` can be told."""
 
-    data: Path
+    data: Path  # a cohort CSV or a BIDS dataset
     out: Path
     attributes: list[str] = field(default_factory=lambda: ["age", "sex"])
     steps: int = 1500
@@ -67,6 +69,8 @@ class TrainSettings:
     augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
     name: str = "atlasmorph-custom"
     quiet: bool = False
+    bids: BidsSelection | None = None  # BIDS dataset: --participant-label/--session-label/--bids-filter
+    seg_derivatives: str | None = None  # BIDS dataset: the derivatives folder with the dseg files
     grid: Grid = MODEL_GRID  # tests use a smaller grid; shipped models use MODEL_GRID
 
 
@@ -80,6 +84,16 @@ def load_init(model: AtlasMorph, init_model: AtlasMorph) -> None:
 
 
 # ----------------------------------------------------------------------------------------- main loop
+def read_subjects(s: TrainSettings, loud: bool) -> list[Subject]:
+    """The cohort: a BIDS dataset (its warnings printed by rank 0) or a cohort CSV."""
+    if not is_bids_root(s.data):
+        return read_cohort(s.data)
+    subjects, warnings = read_bids_cohort(s.data, s.bids, s.seg_derivatives)
+    for m in warnings if loud else []:
+        runs.warn(m)
+    return subjects
+
+
 def _dist_info() -> tuple[int, int]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return int(os.environ.get("RANK", "0")), world
@@ -94,7 +108,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    subjects = read_cohort(s.data)
+    subjects = read_subjects(s, loud=rank == 0)
     ckpt = s.out / "checkpoint.safetensors"
     if s.resume and not ckpt.is_file():  # before hours of preparation
         raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
