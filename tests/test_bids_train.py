@@ -144,3 +144,31 @@ def test_train_command_options(bids_root, tmp_path):
     res = runner.invoke(app, ["train", "--data", str(bids_root), "--out", str(tmp_path / "o"),
                               "--participant-label", "09", "--reference", str(tmp_path / "brain.nii.gz")])
     assert res.exit_code == 1 and "--participant-label: no folder sub-09" in str(res.exception)
+
+
+# ----------------------------------------------------------------------------------------- build
+from test_bids_cli import ixi_bids  # noqa: E402,F401  (real IXI scans: sub-A with two sessions, sub-B)
+
+
+def test_build_from_a_bids_dataset(ixi_bids, data_dir, tmp_path):
+    """`atlasmorph build BIDS_ROOT --participant-label A --seg-derivatives dlmuse`: the two sessions of sub-A,
+    one iteration; their DLMUSE segmentations (linked as dseg) are averaged; warps are named per image."""
+    root, rows = ixi_bids
+    deriv = tmp_path / "dlmuse"
+    for ses in ("1", "2"):
+        anat = deriv / "sub-A" / f"ses-{ses}" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-A_ses-{ses}_desc-dlmuse_dseg.nii.gz").symlink_to(data_dir / "ixi" / rows["A"]["seg"])
+    res = CliRunner().invoke(app, ["build", str(root), "-o", str(tmp_path / "tpl.nii.gz"), "--labels",
+                                   str(tmp_path / "lab.nii.gz"), "--iterations", "1", "--refine", "0",
+                                   "--skullstripped", "--participant-label", "A", "--seg-derivatives", str(deriv),
+                                   "--warps-dir", str(tmp_path / "warps"), "--report", str(tmp_path / "rep.json"),
+                                   "--threads", "1", "--quiet"])
+    assert res.exit_code == 0, (res.output, res.exception)
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert rep["subjects"] == rep["used"] == 2 and rep["labels"] == "averaged subject segmentations"
+    assert sorted(p.name for p in (tmp_path / "warps").iterdir()) == [
+        f"sub-A_ses-{s}_from-T1w_to-template_mode-image_xfm.nii.gz" for s in ("1", "2")]
+    res = CliRunner().invoke(app, ["build", str(tmp_path / "warps"), "-o", str(tmp_path / "t2.nii.gz"),
+                                   "--session-label", "1"])
+    assert res.exit_code == 1 and "are for a BIDS dataset" in str(res.exception)

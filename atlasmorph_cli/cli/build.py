@@ -1,6 +1,7 @@
 """`atlasmorph build`: a study-specific template from the user's scans, with the shipped networks (no training).
 
-INPUTS are read as a batch is (cli.batch: a folder, a .txt list or a cohort CSV; brain masks and
+INPUTS are read as a batch is (cli.batch: a folder, a .txt list or a cohort CSV; a BIDS dataset through
+cli.bids_batch, with its filters and, from --seg-derivatives, its segmentations; brain masks and
 extraction as for `register`); the group-wise construction itself is inference.build. Every subject
 is loaded and brain-extracted once and kept in memory for all iterations (about 4 bytes per input
 voxel and subject). The outputs (template T1, labels, probabilities, report, warps) are written at
@@ -17,8 +18,10 @@ from typing import Callable, Optional
 
 import typer
 
+from ..bids.layout import BidsSelection
 from ..errors import AtlasMorphError
 from ..inference.refine import REFINE_STEPS
+from .options import BidsFilterOpt, ParticipantOpt, SessionOpt
 
 Warn = Callable[[list[str]], None]
 WARP_NAME = "from-T1w_to-template_mode-image_xfm.nii.gz"  # as a batch's --outputs warp (cli.batch)
@@ -44,6 +47,8 @@ class BuildRequest:
     model_path: Path | None = None
     threads: int | None = None
     quiet: bool = False
+    bids: BidsSelection | None = None  # --participant-label/--session-label/--bids-filter
+    seg_derivatives: str | None = None  # BIDS dataset: the derivatives folder whose dseg files are averaged
 
 
 def _check_request(req: BuildRequest, subjects: list) -> None:
@@ -77,12 +82,42 @@ def _check_request(req: BuildRequest, subjects: list) -> None:
         if req.warps_dir.exists() and not req.warps_dir.is_dir():
             raise AtlasMorphError(f"--warps-dir {req.warps_dir}: exists and is not a folder")
         req.warps_dir.mkdir(parents=True, exist_ok=True)
-        check_batch_outputs(req.inputs, subjects, req.warps_dir, lambda s: [req.warps_dir / s.name(WARP_NAME)],
-                            None, req.model_path)
+        check_batch_outputs(req.inputs, subjects, req.warps_dir, lambda s: [_warp_path(req, s)], None,
+                            req.model_path)
 
 
-def _segmentations(source: Path, subjects: list) -> dict[str, Path]:
-    """Subject id -> its segmentation (a cohort CSV's `seg` column); empty for folders and lists."""
+def _read_inputs(req: BuildRequest, warn: Warn) -> list:
+    """The group as batch subjects: a BIDS dataset (filtered; what it lacks warned about), else a folder, a
+    .txt list or a cohort CSV; the BIDS options are an error for anything but a BIDS dataset."""
+    from ..bids import is_bids_root
+    from .batch import read_batch_input
+    from .bids_batch import bids_subjects
+
+    if is_bids_root(req.inputs):
+        return bids_subjects(req.inputs, req.bids or BidsSelection(), warn)
+    if (req.bids is not None and req.bids.given) or req.seg_derivatives is not None:
+        raise AtlasMorphError("--participant-label, --session-label, --bids-filter and --seg-derivatives are for "
+                              "a BIDS dataset")
+    return read_batch_input(req.inputs)
+
+
+def _warp_path(req: BuildRequest, s) -> Path:
+    """Where --warps-dir keeps a subject's warp: named after the BIDS image (sessions differ) or sub-<label>."""
+    return req.warps_dir / (f"{s.id}_{WARP_NAME}" if s.bids is not None else s.name(WARP_NAME))
+
+
+def _segmentations(req: BuildRequest, subjects: list) -> dict[str, Path]:
+    """Subject id -> its segmentation: a cohort CSV's `seg` column, or a BIDS dataset's dseg files in
+    --seg-derivatives (training.bids_cohort finds them); empty for folders and lists."""
+    source = req.inputs
+    if subjects and subjects[0].bids is not None:
+        from ..training.bids_cohort import seg_folder, seg_of
+
+        if req.seg_derivatives is None:
+            return {}
+        folder = seg_folder(source, req.seg_derivatives, [s.bids for s in subjects])
+        found = {s.id: seg_of(folder, source, s.bids) for s in subjects} if folder is not None else {}
+        return {sid: path for sid, path in found.items() if path is not None}
     if source.suffix.lower() != ".csv":
         return {}
     from ..training.cohort import read_cohort
@@ -132,7 +167,7 @@ class _Subjects:
                 subj = load_volume(s.t1)
                 mask = load_volume(s.mask) if s.mask else None
                 brain = resolve_brain(subj, mask, skullstripped and mask is None)
-                warn([f"sub-{s.label}: {w}" for w in brain.warnings])
+                warn([f"{s.tag}: {w}" for w in brain.warnings])
                 index = None
                 if s.id in segs:
                     seg = load_volume(segs[s.id])
@@ -193,15 +228,15 @@ def run_build(req: BuildRequest, warn: Warn) -> dict:
     from ..io.volumes import all_or_nothing, save_volume
     from ..model.shipped import load
     from ..progress import progress_bar
-    from .batch import read_batch_input
     from .outputs import MNI_XFORM, register_writes
 
     started = time.perf_counter()
-    subjects = read_batch_input(req.inputs)
+    subjects = _read_inputs(req, warn)
     _check_request(req, subjects)
-    segs = _segmentations(req.inputs, subjects)
+    segs = _segmentations(req, subjects)
     if segs and len(segs) < len(subjects):
-        warn([f"{len(segs)} of {len(subjects)} subjects have a segmentation (seg column): the labels are the "
+        source = "in --seg-derivatives" if subjects[0].bids is not None else "(seg column)"
+        warn([f"{len(segs)} of {len(subjects)} subjects have a segmentation {source}: the labels are the "
               "starting template's, carried along (give one for every subject to average them instead)"])
         segs = {}
     _, model = load(req.model_path, req.threads)
@@ -217,7 +252,7 @@ def run_build(req: BuildRequest, warn: Warn) -> dict:
 
     def report_failure(s, error: str) -> None:
         failed.append((s, error))
-        where = f"sub-{s.label}" if str(s.t1) in error else f"sub-{s.label} ({s.t1})"
+        where = s.tag if str(s.t1) in error else f"{s.tag} ({s.t1})"
         warn([f"{where}: left out: {error}"])
 
     with progress_bar(req.quiet) as bar:
@@ -253,7 +288,7 @@ def run_build(req: BuildRequest, warn: Warn) -> dict:
                                            template=template)
                     norms.append(displacement_norm_mm(reg.velocity, template.probs[0] < 0.5, vox,
                                                       model.config.int_steps))
-                    for w in register_writes(reg, req.warp_format, {"warp": req.warps_dir / s.name(WARP_NAME)}):
+                    for w in register_writes(reg, req.warp_format, {"warp": _warp_path(req, s)}):
                         w()
                     bar.advance(task)
                 final_mm = float(np.mean(norms))
@@ -292,9 +327,9 @@ def _threads() -> int:
 
 # ----------------------------------------------------------------------------------------- command
 def build_command(
-    inputs: Path = typer.Argument(..., help="The group: a folder of T1 images, a .txt list or a cohort .csv (t1, "
-                                  "optional mask/seg and attribute columns), as in batch mode. Whole-head images "
-                                  "are brain-extracted (see register --help)."),
+    inputs: Path = typer.Argument(..., help="The group: a BIDS dataset, a folder of T1 images, a .txt list or a "
+                                  "cohort .csv (t1, optional mask/seg and attribute columns), as in batch mode. "
+                                  "Whole-head images are brain-extracted (see register --help)."),
     output: Path = typer.Option(..., "-o", "--output", help="Template T1 (model grid, 2 mm, MNI space)."),
     labels: Optional[Path] = typer.Option(None, "--labels", help="Template label map (FreeSurfer ids): the subjects' "
                                           "segmentations averaged when the cohort CSV has a seg column for every "
@@ -321,6 +356,13 @@ def build_command(
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file (default: the shipped model)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    participant_label: Optional[list[str]] = ParticipantOpt,
+    session_label: Optional[list[str]] = SessionOpt,
+    bids_filter: Optional[list[str]] = BidsFilterOpt,
+    seg_derivatives: Optional[str] = typer.Option(
+        None, "--seg-derivatives", help="BIDS dataset: the derivatives folder (a name under BIDS_ROOT/derivatives/, "
+                                        "or a path) whose sub-<s>[_ses-<t>]..._dseg.nii[.gz] segmentations are "
+                                        "averaged into --labels (default: the starting template's, carried along)."),
 ) -> None:
     """Build a study-specific template (T1 + labels, MNI space) from a group of scans with the shipped networks."""
     from .app import _warn, err
@@ -328,7 +370,9 @@ def build_command(
 
     out = run_build(BuildRequest(inputs, output, labels, probs, iterations, warps_dir, warp_format, initial,
                                  initial_labels, attribute_values(age, sex, attr), report, skullstripped, refine,
-                                 model, threads, quiet), _warn)
+                                 model, threads, quiet, BidsSelection.from_options(participant_label, session_label,
+                                                                                   bids_filter), seg_derivatives),
+                    _warn)
     it = out["iterations"][-1]
     err.print(f"template of {out['used']} subjects written to {output} ({len(out['iterations'])} iterations, "
               f"{out['seconds']:.0f} s; last mean displacement {it['mean_displacement_mm']:.2f} mm)")

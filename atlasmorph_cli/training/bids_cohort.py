@@ -43,6 +43,15 @@ def seg_files(folder: Path, root: Path, inp: BidsInput) -> list[Path]:
     return out
 
 
+def seg_of(folder: Path, root: Path, inp: BidsInput) -> Path | None:
+    """The one segmentation of `inp` in `folder` (None: it has none); two or more are an error naming them."""
+    segs = seg_files(folder, root, inp)
+    if len(segs) > 1:
+        raise AtlasMorphError(f"{inp.relative_path(root)}: {len(segs)} segmentations in {folder} "
+                              f"({', '.join(p.name for p in segs)}); keep one dseg per T1w image there")
+    return segs[0] if segs else None
+
+
 def _made_by_atlasmorph(folder: Path) -> bool:
     """Whether `folder` is AtlasMorph's own derivatives dataset (its predicted labels are no training truth)."""
     try:
@@ -102,14 +111,11 @@ def read_bids_cohort(root: Path | str, selection: BidsSelection | None = None,
     columns = list(dict.fromkeys(k for inp in scan for k in inp.attrs))
     subjects, unlabelled = [], []
     for n, inp in enumerate(scan, start=1):
-        segs = seg_files(folder, root, inp) if folder is not None else []
-        if len(segs) > 1:
-            raise AtlasMorphError(f"{inp.relative_path(root)}: {len(segs)} segmentations in {folder} "
-                                  f"({', '.join(p.name for p in segs)}); keep one dseg per T1w image there")
-        if folder is not None and not segs:
+        seg = seg_of(folder, root, inp) if folder is not None else None
+        if folder is not None and seg is None:
             unlabelled.append(inp.id)
         attrs = {c: _text(inp.attrs[c]) if c in inp.attrs else "" for c in columns}
-        subjects.append(Subject(n, inp.id, inp.path, segs[0] if segs else None, None, attrs))
+        subjects.append(Subject(n, inp.id, inp.path, seg, None, attrs))
     if unlabelled:
         warnings.append(f"{len(unlabelled)} of {len(subjects)} T1w image(s) have no segmentation in {folder} and "
                         "train without labels (their brain mask is then the T1's non-zero voxels, so they must be "
