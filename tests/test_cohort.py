@@ -10,6 +10,30 @@ from atlasmorph_cli.training.metrics import mean_dice
 from atlasmorph_cli.geometry.space import MODEL_GRID
 
 
+def test_brain_mask_one_check_for_training_and_registration():
+    """geometry.intensity.brain_mask: mask > 0, else the non-zero voxels (negative ones too); each refusal
+    names the caller's file and what it calls the two images."""
+    from atlasmorph_cli.geometry.intensity import brain_mask
+    from atlasmorph_cli.io.volumes import Volume
+
+    t1 = np.zeros((16, 16, 16), np.float32)
+    t1[2:14, 2:14, 2:14] = np.linspace(-1, 2, 12 ** 3).reshape(12, 12, 12)  # a brain-extracted image, some < 0
+    assert brain_mask(Volume(t1, np.eye(4)), None).sum() == 12 ** 3
+    seg = Volume((t1 > -0.5).astype(np.float32), np.eye(4))
+    np.testing.assert_array_equal(brain_mask(Volume(t1, np.eye(4)), seg, "s1"), t1 > -0.5)
+    shifted = np.eye(4)
+    shifted[:3, 3] = 1.0
+    cases = [(Volume(t1, np.eye(4)), Volume(seg.data, shifted), "s1: the seg is on another grid than the T1 "
+              r"\(voxel-to-world affine: origin \(1, 1, 1\) vs \(0, 0, 0\) mm\); resample it to the T1 first"),
+             (Volume(0 * t1, np.eye(4)), None, "s1: the T1 is all zeros"),
+             (Volume(t1, np.eye(4)), Volume(np.pad(np.ones((9, 9, 9)), ((0, 7),) * 3), np.eye(4)),
+              r"s1: the T1 \(or its seg\) has no brain: fewer than 1000 non-zero voxels"),
+             (Volume(np.full_like(t1, 3.0), np.eye(4)), seg, "s1: the T1 is constant inside the brain")]
+    for image, mask, message in cases:
+        with pytest.raises(AtlasMorphError, match=f"^{message}$"):
+            brain_mask(image, mask, "s1", image_name="T1", mask_name="seg")
+
+
 def test_missing_column_and_missing_file_are_named(tmp_path):
     (tmp_path / "a.csv").write_text("image,age\nx.nii.gz,30\n")
     with pytest.raises(AtlasMorphError, match="missing required column 't1'"):
@@ -48,3 +72,21 @@ def test_prepare_real_subjects(tmp_path, data_dir, ixi_rows):
     mtimes = [p.stat().st_mtime_ns for p in paths]
     prepare_cohort(subjects, tmp_path / "cache", ref, workers=2, quiet=True)  # resume: nothing redone
     assert [p.stat().st_mtime_ns for p in paths] == mtimes
+
+
+def test_split_keeps_a_participants_sessions_together():
+    """Sessions of one participant (BIDS) never straddle train and validation; a CSV cohort splits by id."""
+    from pathlib import Path
+
+    from atlasmorph_cli.training.cohort import Subject
+    from atlasmorph_cli.training.split import split_subjects
+
+    subs = [Subject(i, f"sub-{p:02d}_ses-{k}", Path(f"/x/{p}_{k}.nii"), None, None, {}, participant=f"{p:02d}")
+            for i, (p, k) in enumerate(((p, k) for p in range(10) for k in (1, 2)), start=1)]
+    for seed in range(5):
+        train, val = split_subjects(subs, 0.3, seed)
+        assert len(val) == 6  # 3 of 10 participants, 2 sessions each
+        assert not {s.participant for s in train} & {s.participant for s in val}
+    flat = [Subject(i, f"s{i}", Path(f"/x/{i}.nii"), None, None, {}) for i in range(20)]
+    train, val = split_subjects(flat, 0.3, 0)
+    assert len(val) == 6 and not {s.id for s in train} & {s.id for s in val}

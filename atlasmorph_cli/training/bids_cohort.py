@@ -115,7 +115,7 @@ def read_bids_cohort(root: Path | str, selection: BidsSelection | None = None,
         if folder is not None and seg is None:
             unlabelled.append(inp.id)
         attrs = {c: _text(inp.attrs[c]) if c in inp.attrs else "" for c in columns}
-        subjects.append(Subject(n, inp.id, inp.path, seg, None, attrs))
+        subjects.append(Subject(n, inp.id, inp.path, seg, None, attrs, participant=inp.subject))
     if unlabelled:
         warnings.append(f"{len(unlabelled)} of {len(subjects)} T1w image(s) have no segmentation in {folder} and "
                         "train without labels (their brain mask is then the T1's non-zero voxels, so they must be "

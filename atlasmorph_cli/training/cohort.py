@@ -18,8 +18,8 @@ import numpy as np
 
 from ..geometry.affine import fit_affine
 from ..errors import AtlasMorphError
-from ..geometry.intensity import normalize
-from ..io.volumes import Volume, image_stem, load_volume, same_grid
+from ..geometry.intensity import brain_mask, normalize
+from ..io.volumes import Volume, image_stem, load_volume
 from ..labels import to_index
 from ..progress import progress_bar
 from ..geometry.space import MODEL_GRID, Grid, resample, resample_labels
@@ -39,6 +39,7 @@ class Subject:
     seg: Path | None
     mask: Path | None
     attrs: dict[str, str]
+    participant: str | None = None  # who was scanned (BIDS sub-); sessions of one participant split together
 
     def where(self) -> str:
         return f"row {self.row} ({self.id})"
@@ -109,21 +110,6 @@ def _is_number(v: str) -> bool:
         return False
 
 
-def brain_mask(t1: Volume, seg: Volume | None, mask: Volume | None, where: str) -> np.ndarray:
-    """The brain mask: explicit mask, else seg > 0, else the non-zero voxels (brain-extracted input)."""
-    m = mask if mask is not None else seg
-    if m is not None:
-        if not same_grid(m, t1):
-            kind = "mask" if mask is not None else "seg"
-            raise AtlasMorphError(f"{where}: the {kind} is on another grid than the T1 ({m.shape} vs {t1.shape})")
-        out = m.data > 0
-    else:
-        out = t1.data > 0
-    if out.sum() < 1000:
-        raise AtlasMorphError(f"{where}: the brain mask is (nearly) empty")
-    return out
-
-
 def to_model_space(
     t1: Volume, mask: np.ndarray, reference: np.ndarray, grid: Grid = MODEL_GRID, threads: int | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -139,9 +125,8 @@ def prepare_subject(subject: Subject, reference: np.ndarray, grid: Grid = MODEL_
     t1 = load_volume(subject.t1)
     seg = load_volume(subject.seg) if subject.seg else None
     mask = load_volume(subject.mask) if subject.mask else None
-    brain_m = brain_mask(t1, seg, mask, where)
-    if not np.any(t1.data[brain_m] != t1.data[brain_m].flat[0]):
-        raise AtlasMorphError(f"{where}: the T1 is constant inside the brain")
+    brain_m = brain_mask(t1, mask if mask is not None else seg, where, image_name="T1",
+                         mask_name="mask" if mask is not None else "seg")
     _, t1_grid, world = to_model_space(t1, brain_m, reference, grid, threads=1)
     out = {"t1": t1_grid.astype(np.float16), "world": world}
     if seg is not None:

@@ -11,14 +11,19 @@ from .cohort import Subject
 
 
 def split_subjects(subjects: list[Subject], fraction: float, seed: int) -> tuple[list[Subject], list[Subject]]:
-    """Hold out a fraction of subjects for validation, chosen by a seeded permutation of ids."""
-    ids = sorted(s.id for s in subjects)
+    """Hold out a fraction of participants for validation, chosen by a seeded permutation of their ids.
+
+    Images of one participant (BIDS sessions) stay on one side, so validation never sees a training brain;
+    a CSV cohort has one image per id and splits exactly as before.
+    """
+    group = {s.id: s.participant or s.id for s in subjects}
+    ids = sorted(set(group.values()))
     rng = np.random.default_rng(seed)
     n_val = int(round(fraction * len(ids))) if fraction > 0 else 0
     if len(ids) - n_val < 1:
         raise AtlasMorphError("not enough subjects left for training after the validation split")
     val = set(rng.permutation(ids)[:n_val].tolist())
-    return [s for s in subjects if s.id not in val], [s for s in subjects if s.id in val]
+    return [s for s in subjects if group[s.id] not in val], [s for s in subjects if group[s.id] in val]
 
 
 def read_split(path: Path) -> dict[str, list[str]]:
