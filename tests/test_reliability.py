@@ -14,6 +14,7 @@ SMALL_GRID, so no real data is needed.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gzip
 import io
 import os
@@ -32,11 +33,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from atlasmorph_cli.cli import run as commands_mod
-from atlasmorph_cli.cli import outputs as outputs_mod
 from atlasmorph_cli.model import model_file as model_mod
 from atlasmorph_cli.model import shipped as shipped_mod
 from atlasmorph_cli.cli import main
 from atlasmorph_cli.errors import AtlasMorphError
+from atlasmorph_cli.geometry import transforms
 from atlasmorph_cli.io.volumes import all_or_nothing, save_volume
 from synthetic import SMALL_GRID, phantom, small_model, write_cohort
 
@@ -376,14 +377,12 @@ def test_unexpected_errors_are_one_line_too(tmp_path, inputs, monkeypatch):
 
 
 # ----------------------------------------------------------------------------------------- atomic outputs
+def _no_space(*a, **k):
+    raise OSError(28, "No space left on device")
+
+
 def _fail_late(monkeypatch, module, name):
-    real = getattr(module, name)
-
-    def late(*a, **k):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr(module, name, late)
-    return real
+    monkeypatch.setattr(module, name, _no_space)
 
 
 @pytest.mark.parametrize("command", ["segment", "register", "template"])
@@ -395,7 +394,9 @@ def test_failure_while_writing_leaves_no_output(tmp_path, inputs, monkeypatch, c
         argv = ["segment", "in/brain.nii.gz", *AGE, *MODEL, "-o", "out/s.nii.gz", "--probs", "out/p.nii.gz", "--vol",
                 "out/v.csv"]
     elif command == "register":
-        _fail_late(monkeypatch, outputs_mod, "save_itk_affine")
+        # the ITK text writer of --affine fails, after -o and -t were written
+        monkeypatch.setitem(transforms.FORMATS, "itk-txt", dataclasses.replace(transforms.FORMATS["itk-txt"],
+                                                                               write=_no_space))
         argv = ["register", "in/brain.nii.gz", *AGE, *MODEL, "-o", "out/m.nii.gz", "-t", "out/w.nii.gz", "--labels",
                 "out/l.nii.gz", "--affine", "out/a.txt"]
     else:

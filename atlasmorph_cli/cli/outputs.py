@@ -1,4 +1,4 @@
-"""What `register` and `segment` write for one subject: each output as a deferred writer; transforms go through one function.
+"""What `register` and `segment` write for one subject: each output as a deferred writer.
 
 A writer computes its output when it runs and frees it once written, so memory holds one output at a
 time (a 1 mm image with every output: 1.7 GB before); run them inside io.volumes.all_or_nothing() so
@@ -15,10 +15,11 @@ from ..errors import AtlasMorphError
 from ..inference.brain_extraction import Brain
 from ..inference.quality import Quality
 from ..io.volumes import Volume, check_output_dir, save_volume, suffix_of
-from ..warpio import WARP_FORMATS, save_displacement, save_itk_affine
+from ..geometry.transforms import WARP_FORMATS, write_transform
 
 Writer = Callable[[], object]
 MNI_XFORM = 4  # NIfTI xform code "MNI152" for outputs on the model grid
+AFFINE_FORMAT = "itk-txt"  # --affine is ITK/ANTs text whatever --warp-format says (geometry.transforms.FORMATS)
 # output name -> command-line option, in the order the outputs are checked and written
 REGISTER_FLAGS = {"moved": "--moved", "template": "--template-out", "warp": "--trans", "inverse": "--inverse",
                   "affine": "--affine", "labels": "--labels", "jacobian": "--jacobian"}
@@ -44,15 +45,6 @@ def check_outputs(paths: list[Path | None]) -> list[Path]:
     return out
 
 
-def save_transform(path: Path, warp_format: str, *, displacement: np.ndarray | None = None,
-                   grid_affine: np.ndarray | None = None, world: np.ndarray | None = None) -> Path:
-    """The one place a transform file is written: a displacement field (X,Y,Z,3, RAS mm) on the grid
-    `grid_affine`, in `warp_format`, or an affine world map (4x4, fixed point -> moving point) as ITK text."""
-    if world is not None:
-        return save_itk_affine(world, path)
-    return save_displacement(displacement, grid_affine, path, warp_format)
-
-
 def register_writes(reg, warp_format: str, paths: dict[str, Path]) -> list[Writer]:
     """Writers of the requested register outputs (REGISTER_FLAGS names) of a Registration."""
     subj = reg.subject
@@ -62,11 +54,9 @@ def register_writes(reg, warp_format: str, paths: dict[str, Path]) -> list[Write
                                      xform_code=MNI_XFORM),
         "template": lambda: save_volume(reg.to_native(reg.template.t1), subj.affine, paths["template"],
                                         header=subj.header),
-        "warp": lambda: save_transform(paths["warp"], warp_format, displacement=reg.warp_subject_to_template_mm(),
-                                       grid_affine=g.affine),
-        "inverse": lambda: save_transform(paths["inverse"], warp_format,
-                                          displacement=reg.warp_template_to_subject_mm(), grid_affine=subj.affine),
-        "affine": lambda: save_transform(paths["affine"], warp_format, world=reg.world),
+        "warp": lambda: write_transform(reg.subject_to_template_transform(), paths["warp"], warp_format),
+        "inverse": lambda: write_transform(reg.template_to_subject_transform(), paths["inverse"], warp_format),
+        "affine": lambda: write_transform(reg.affine_transform(), paths["affine"], AFFINE_FORMAT),
         "labels": lambda: save_volume(reg.labels_to_native()[0], subj.affine, paths["labels"], header=subj.header,
                                       dtype=np.int32),
         "jacobian": lambda: save_volume(reg.log_jacobian(), g.affine, paths["jacobian"], dtype=np.float32,

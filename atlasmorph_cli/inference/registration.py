@@ -13,9 +13,8 @@ import numpy as np
 import torch
 
 from ..geometry.affine import fit_affine
-from ..errors import AtlasMorphError
-from ..geometry.intensity import normalize
-from ..io.volumes import Volume, grid_difference, same_grid
+from ..geometry.intensity import brain_mask, normalize
+from ..io.volumes import Volume
 from ..io.stream import save_frames
 from ..labels import to_freesurfer
 from ..model.loss_weights import LossWeights
@@ -25,6 +24,7 @@ from ..model.networks import velocity_to_displacements
 from .refine import REFINE_LR, REFINE_STEPS, refine_velocity
 from .template import Template, make_template
 from ..geometry.space import Grid, grid_coords, resample, voxel_map
+from ..geometry.transforms import AffineTransform, DisplacementField
 
 CHUNK_VOXELS = 1 << 20  # native outputs are computed in slabs of about a million voxels
 
@@ -52,6 +52,10 @@ class Registration:
     @property
     def grid(self) -> Grid:
         return self.template.grid
+
+    @property
+    def subject_grid(self) -> Grid:
+        return Grid(self.subject.shape, self.subject.affine)
 
     # -- maps from an output grid into the grid we sample from, applied once --------------------
     def native_to_template_coords(self, native_shape, native_affine, rows: slice) -> torch.Tensor:
@@ -103,16 +107,18 @@ class Registration:
         src = torch.from_numpy(np.ascontiguousarray(self.brain if image is None else image, dtype=np.float32))
         return sample_at(src[None, None], self.template_to_native_coords(), padding_mode="zeros")[0, 0].numpy()
 
-    def warp_subject_to_template_mm(self) -> np.ndarray:
-        """Displacement (X,Y,Z,3) in RAS mm on the template grid: template point -> subject point."""
+    def subject_to_template_transform(self) -> DisplacementField:
+        """The -t warp, which pulls the subject onto the template: on the template grid (RAS mm),
+        template point -> subject point."""
         c = self.template_to_native_coords()[0].double()
         aff = torch.as_tensor(self.subject.affine, dtype=torch.float64)
         world_subj = torch.einsum("ab,bxyz->axyz", aff[:3, :3], c) + aff[:3, 3].view(3, 1, 1, 1)
         world_tmpl = grid_coords(self.grid.affine, self.grid.shape, torch.float64)[0]
-        return (world_subj - world_tmpl).permute(1, 2, 3, 0).numpy()
+        return DisplacementField((world_subj - world_tmpl).permute(1, 2, 3, 0).numpy(), self.grid, self.subject_grid)
 
-    def warp_template_to_subject_mm(self) -> np.ndarray:
-        """Displacement (X,Y,Z,3) in RAS mm on the subject grid: subject point -> template point."""
+    def template_to_subject_transform(self) -> DisplacementField:
+        """The -T warp, which pulls the template onto the subject: on the subject grid (RAS mm),
+        subject point -> template point."""
         shape, aff = self.subject.shape, self.subject.affine
         out = np.zeros((*shape, 3), dtype=np.float32)  # computed in float64 slab by slab, stored as written
         g = torch.as_tensor(self.grid.affine, dtype=torch.float64)
@@ -121,7 +127,11 @@ class Registration:
             world_t = torch.einsum("ab,bxyz->axyz", g[:3, :3], c) + g[:3, 3].view(3, 1, 1, 1)
             world_s = grid_coords(aff @ _row_offset(rows.start), (rows.stop - rows.start, *shape[1:]), torch.float64)[0]
             out[rows] = (world_t - world_s).permute(1, 2, 3, 0).numpy()
-        return out
+        return DisplacementField(out, self.subject_grid, self.grid)
+
+    def affine_transform(self) -> AffineTransform:
+        """The affine part (--affine): template-grid world point -> subject world point."""
+        return AffineTransform(self.world, self.grid, self.subject_grid)
 
     def log_jacobian(self) -> np.ndarray:
         """log det of the deformable template -> subject map on the template grid (affine excluded)."""
@@ -142,25 +152,9 @@ def _slabs(shape: tuple[int, ...], channels: int = 1) -> list[slice]:
 
 
 def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.ndarray]:
-    """Brain mask (given mask, else the non-zero voxels of a brain-extracted T1) and the normalised brain."""
-    name = f"{subject.source}: " if subject.source is not None else ""
-    if mask is not None:
-        if not same_grid(mask, subject):
-            raise AtlasMorphError(
-                f"{name}the mask is on another grid than the image "
-                f"({grid_difference(mask.shape, mask.affine, subject.shape, subject.affine)}); "
-                "resample it to the image first"
-            )
-        m = mask.data > 0
-    else:
-        m = subject.data != 0
-    if not np.any(subject.data):
-        raise AtlasMorphError(f"{name}the image is all zeros")
-    if m.sum() < 1000:
-        raise AtlasMorphError(f"{name}the image (or its mask) has no brain: fewer than 1000 non-zero voxels")
-    vals = subject.data[m]
-    if float(vals.max() - vals.min()) <= 0:
-        raise AtlasMorphError(f"{name}the image is constant inside the brain")
+    """Brain mask (given mask, else the non-zero voxels of a brain-extracted T1; checked by
+    geometry.intensity.brain_mask) and the normalised brain."""
+    m = brain_mask(subject, mask, str(subject.source) if subject.source is not None else None)
     return m, normalize(subject.data, m)
 
 

@@ -44,6 +44,8 @@ from nipype.interfaces.base import (
 )
 from nipype.utils.filemanip import split_filename
 
+from ..geometry.transforms import WARP_FORMATS
+
 __all__ = ["Template", "Register", "Segment", "Build"]
 
 
@@ -57,6 +59,16 @@ def _on_request(argstr: str, name_template: str, desc: str, *, name_source: str 
     if default is not None:
         meta.update(default=default, usedefault=True)
     return traits.Either(traits.Bool, File, **meta)
+
+
+def _outputs_of(inputs: type[CommandLineInputSpec]) -> type[TraitedSpec]:
+    """A command's output spec: an existing File for each output its inputs name (the traits with
+    ``hash_files=False``: always-written files and on-request outputs), described as there."""
+    files = {name: File(exists=True, desc=trait.desc.split(" (True: ")[0])
+             for name, trait in inputs().traits().items() if trait.hash_files is False}
+    # named and placed as a class statement would be, so that nipype's workers can pickle the outputs
+    return type(TraitedSpec)(inputs.__name__.replace("Input", "Output"), (TraitedSpec,),
+                             {"__module__": __name__, **files})
 
 
 class _ModelInputSpec(CommandLineInputSpec):
@@ -143,11 +155,7 @@ class TemplateInputSpec(_ModelInputSpec):
     png_file = _on_request("--png %s", "template.png", "montage of slices")
 
 
-class TemplateOutputSpec(TraitedSpec):
-    out_file = File(exists=True, desc="template T1")
-    labels_file = File(exists=True, desc="template labels (FreeSurfer ids)")
-    probs_file = File(exists=True, desc="4D label probabilities")
-    png_file = File(exists=True, desc="montage")
+TemplateOutputSpec = _outputs_of(TemplateInputSpec)
 
 
 class Template(_AtlasMorphCommand):
@@ -179,27 +187,11 @@ class RegisterInputSpec(_SubjectInputSpec):
                               name_source="in_file")
     jacobian_file = _on_request("--jacobian %s", "%s_logjac.nii.gz",
                                 "log-Jacobian determinant (template grid)", name_source="in_file")
-    warp_format = traits.Enum("fs", "itk", argstr="--warp-format %s",
+    warp_format = traits.Enum(*WARP_FORMATS, argstr="--warp-format %s",
                               desc="fs: RAS mm (intent 1006); itk: LPS (intent 1007) for antsApplyTransforms")
 
 
-class _SubjectOutputSpec(TraitedSpec):
-    """Outputs of every command that reads a subject (register, segment)."""
-
-    brain_mask_file = File(exists=True, desc="brain mask used")
-    brain_file = File(exists=True, desc="skull-stripped image")
-    quality_file = File(exists=True, desc="quality check (JSON)")
-    qc_file = File(exists=True, desc="QC picture (PNG)")
-
-
-class RegisterOutputSpec(_SubjectOutputSpec):
-    moved_file = File(exists=True, desc="subject in template space")
-    template_file = File(exists=True, desc="template in subject space")
-    warp_file = File(exists=True, desc="subject->template warp")
-    inverse_warp_file = File(exists=True, desc="template->subject warp")
-    affine_file = File(exists=True, desc="affine part (ITK text)")
-    labels_file = File(exists=True, desc="template labels in subject space")
-    jacobian_file = File(exists=True, desc="log-Jacobian determinant")
+RegisterOutputSpec = _outputs_of(RegisterInputSpec)
 
 
 class Register(_AtlasMorphCommand):
@@ -225,10 +217,7 @@ class SegmentInputSpec(_SubjectInputSpec):
                                name_source="in_file", default=True)
 
 
-class SegmentOutputSpec(_SubjectOutputSpec):
-    seg_file = File(exists=True, desc="segmentation")
-    probs_file = File(exists=True, desc="4D label probabilities")
-    volumes_file = File(exists=True, desc="structure volumes (CSV, one row)")
+SegmentOutputSpec = _outputs_of(SegmentInputSpec)
 
 
 class Segment(_AtlasMorphCommand):
