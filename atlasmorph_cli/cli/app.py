@@ -24,8 +24,9 @@ from rich.text import Text
 from .. import __version__
 from ..errors import AtlasMorphError
 from ..model.loss_weights import LossWeights
-from .options import (GROUP, AttrOpt, BidsFilterOpt, ModelOpt, ParticipantOpt, RunOptions, SessionOpt, SexOpt,
-                      SkullstrippedOpt, StrictOpt, SubjectOptions, ThreadsOpt, with_option_groups)
+from .options import (GROUP, AttrOpt, BidsOptions, ModelOpt, QuietOpt, RunOptions, SexOpt, SkullstrippedOpt, StrictOpt,
+                      SubjectOptions, ThreadsOpt, OutDirOpt, TemplateLabelsOpt, TemplateOpt, outputs_option, seg_derivatives_option,
+                      with_option_groups)
 from .request import SubjectRequest, attribute_values
 
 err = Console(stderr=True)
@@ -62,15 +63,6 @@ def _root(
     """AtlasMorph command line."""
 
 
-OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a BIDS dataset, a folder, .txt list or "
-                         "cohort .csv): output folder; files get BIDS-derivatives names (a BIDS dataset: a derivatives "
-                         "dataset, e.g. BIDS_ROOT/derivatives/atlasmorph; docs/bids.md, docs/scaling.md).")
-TemplateOpt = typer.Option(None, "--template", help="Register to this template T1 (MNI space, model grid, e.g. "
-                           "written by `atlasmorph build`) instead of the model's conditional template; needs "
-                           "--template-labels, excludes --age/--sex/--attr. See docs/build.md.")
-TemplateLabelsOpt = typer.Option(None, "--template-labels", help="Label map of --template: FreeSurfer ids of the "
-                                 "34 structures, or 4D probabilities (background + 34).")
-
 
 def _batch(image: Path, out_dir: Path | None, outputs: str | None, run: RunOptions) -> bool:
     """Whether IMAGE is a batch (BIDS dataset, folder, .txt, .csv); batch-only options with a single image are
@@ -106,6 +98,7 @@ def _warn(messages: list[str]) -> None:
 
 # ----------------------------------------------------------------------------------------- train
 @app.command("train")
+@with_option_groups
 def train_command(
     data: Path = typer.Option(..., "--data", help="Cohort CSV (t1, optional seg/mask, attribute columns) or a BIDS "
                               "dataset (T1w images, age/sex from participants.tsv, dseg from a derivatives "
@@ -153,17 +146,13 @@ def train_command(
     threads: Optional[int] = ThreadsOpt,
     workers: int = typer.Option(2, min=1, help="Processes for cohort preparation."),
     device: str = typer.Option("cpu", help="cpu or cuda (the first GPU, or the LOCAL_RANK one under torchrun)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    participant_label: Optional[list[str]] = ParticipantOpt,
-    session_label: Optional[list[str]] = SessionOpt,
-    bids_filter: Optional[list[str]] = BidsFilterOpt,
-    seg_derivatives: Optional[str] = typer.Option(
-        None, "--seg-derivatives", help="BIDS dataset: the derivatives folder (a name under BIDS_ROOT/derivatives/, "
-                                        "or a path) with sub-<s>[_ses-<t>]..._dseg.nii[.gz] segmentations of the "
-                                        "T1w images; default: the one folder that has them; 'none': no labels."),
+    quiet: bool = QuietOpt,
+    bids_select: BidsOptions = GROUP,
+    seg_derivatives: Optional[str] = seg_derivatives_option("default: the one folder that has them; 'none': no "
+                                                            "labels."),
 ) -> None:
     """Train a conditional template + registration model on a cohort."""
-    from ..bids import BidsSelection, is_bids_root
+    from ..bids import is_bids_root
     from ..model.losses import IMAGE_LOSSES
     from ..training.loop import TrainSettings, train as run_train
     from ..training.reference import training_reference
@@ -174,7 +163,7 @@ def train_command(
     if not data.is_file() and not bids:
         what = " (a folder, but not a BIDS dataset: no dataset_description.json or sub-* folders)"
         raise AtlasMorphError(f"{data}: no such cohort file" + (what if data.is_dir() else ""))
-    selection = BidsSelection.from_options(participant_label, session_label, bids_filter)
+    selection = bids_select.selection()
     if not bids and (selection.given or seg_derivatives is not None):
         raise AtlasMorphError("--participant-label, --session-label, --bids-filter and --seg-derivatives are for a "
                               "BIDS dataset")
@@ -247,9 +236,8 @@ def register_command(
     labels: Optional[Path] = typer.Option(None, "--labels", help="Template labels in subject space."),
     jacobian: Optional[Path] = typer.Option(None, "--jacobian", help="log-Jacobian determinant (template grid)."),
     out_dir: Optional[Path] = OutDirOpt,
-    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from moved, "
-                                          "template, warp, inverse, affine, labels, jacobian, brainmask, brain, qc "
-                                          "(default moved,warp,labels)."),
+    outputs: Optional[str] = outputs_option("moved, template, warp, inverse, affine, labels, jacobian, brainmask, "
+                                            "brain, qc (default moved,warp,labels)."),
     run: RunOptions = GROUP,
 ) -> None:
     """Register a subject to its attribute-matched template; writes only the outputs asked for."""
@@ -281,12 +269,12 @@ def segment_command(
                                        "row per subject, default OUT_DIR/volumes.csv; a BIDS dataset: "
                                        "OUT_DIR/volumes.tsv)."),
     out_dir: Optional[Path] = OutDirOpt,
-    outputs: Optional[str] = typer.Option(None, "--outputs", help="Batch mode: comma-separated, from dseg, probseg, "
-                                          "brainmask, brain, qc, and register's moved, template, warp, inverse, "
-                                          "affine, jacobian (default dseg)."),
+    outputs: Optional[str] = outputs_option("dseg, probseg, brainmask, brain, qc, and register's moved, template, "
+                                            "warp, inverse, affine, jacobian (default dseg)."),
     run: RunOptions = GROUP,
 ) -> None:
-    """Segment a subject with the label map of its conditional template (subject's own grid)."""
+    """Segment a subject with the label map of its conditional template (subject's own grid); the label
+    map is the template's, carried by the same warp that `register` writes."""
     from .run import run_request
 
     if _batch(image, out_dir, outputs, run):
@@ -334,7 +322,7 @@ def bids_command(
 # ----------------------------------------------------------------------------------------- build
 from .build import build_command  # noqa: E402  (cli.build: a study template from the user's scans)
 
-app.command("build")(build_command)
+app.command("build")(with_option_groups(build_command))
 
 
 def _one_line(text: str) -> str:

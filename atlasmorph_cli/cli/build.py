@@ -21,7 +21,7 @@ import typer
 from ..bids.layout import BidsSelection
 from ..errors import AtlasMorphError
 from ..inference.refine import REFINE_STEPS
-from .options import BidsFilterOpt, ParticipantOpt, SessionOpt
+from .options import GROUP, BidsOptions, QuietOpt, seg_derivatives_option
 
 Warn = Callable[[list[str]], None]
 WARP_NAME = "from-T1w_to-template_mode-image_xfm.nii.gz"  # as a batch's --outputs warp (cli.batch)
@@ -355,14 +355,10 @@ def build_command(
     refine: int = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps per registration."),
     model: Optional[Path] = typer.Option(None, "--model", "-m", help="Model file (default: the shipped model)."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
-    participant_label: Optional[list[str]] = ParticipantOpt,
-    session_label: Optional[list[str]] = SessionOpt,
-    bids_filter: Optional[list[str]] = BidsFilterOpt,
-    seg_derivatives: Optional[str] = typer.Option(
-        None, "--seg-derivatives", help="BIDS dataset: the derivatives folder (a name under BIDS_ROOT/derivatives/, "
-                                        "or a path) whose sub-<s>[_ses-<t>]..._dseg.nii[.gz] segmentations are "
-                                        "averaged into --labels (default: the starting template's, carried along)."),
+    bids_select: BidsOptions = GROUP,
+    seg_derivatives: Optional[str] = seg_derivatives_option("averaged into --labels (default: the starting "
+                                                            "template's labels, carried along)."),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Build a study-specific template (T1 + labels, MNI space) from a group of scans with the shipped networks."""
     from .app import _warn, err
@@ -370,8 +366,7 @@ def build_command(
 
     out = run_build(BuildRequest(inputs, output, labels, probs, iterations, warps_dir, warp_format, initial,
                                  initial_labels, attribute_values(age, sex, attr), report, skullstripped, refine,
-                                 model, threads, quiet, BidsSelection.from_options(participant_label, session_label,
-                                                                                   bids_filter), seg_derivatives),
+                                 model, threads, quiet, bids_select.selection(), seg_derivatives),
                     _warn)
     it = out["iterations"][-1]
     err.print(f"template of {out['used']} subjects written to {output} ({len(out['iterations'])} iterations, "

@@ -49,6 +49,14 @@ ParticipantOpt = typer.Option(None, "--participant-label", help="BIDS dataset: o
 SessionOpt = typer.Option(None, "--session-label", help="BIDS dataset: only these sessions (with or without 'ses-').")
 BidsFilterOpt = typer.Option(None, "--bids-filter", help="BIDS dataset: only T1w images with this entity value, "
                              "ENTITY=VALUE (e.g. acq=mprage, run=1; repeatable; a repeated entity accepts either).")
+OutDirOpt = typer.Option(None, "--out-dir", help="Batch mode (IMAGE is a BIDS dataset, a folder, .txt list or "
+                         "cohort .csv): output folder; files get BIDS-derivatives names (a BIDS dataset: a derivatives "
+                         "dataset, e.g. BIDS_ROOT/derivatives/atlasmorph; docs/bids.md, docs/scaling.md).")
+TemplateOpt = typer.Option(None, "--template", help="Register to this template T1 (MNI space, model grid, e.g. "
+                           "written by `atlasmorph build`) instead of the model's conditional template; needs "
+                           "--template-labels, excludes --age/--sex/--attr. See docs/build.md.")
+TemplateLabelsOpt = typer.Option(None, "--template-labels", help="Label map of --template: FreeSurfer ids of the "
+                                 "34 structures, or 4D probabilities (background + 34).")
 
 
 def _option(info: Any) -> Any:
@@ -77,14 +85,9 @@ class SubjectOptions(OptionGroup):
 
 
 @dataclass(frozen=True)
-class RunOptions(OptionGroup):
-    """register, segment and bids: the model, compute, warp format, batch resume and BIDS selection."""
+class BidsOptions(OptionGroup):
+    """Every command that reads a BIDS dataset: which of its T1w images to take."""
 
-    model: Optional[Path] = _option(ModelOpt)
-    threads: Optional[int] = _option(ThreadsOpt)
-    refine: int = _option(RefineOpt)
-    warp_format: str = _option(WarpFormatOpt)
-    skip_existing: bool = _option(SkipExistingOpt)
     participant_label: Optional[list[str]] = _option(ParticipantOpt)
     session_label: Optional[list[str]] = _option(SessionOpt)
     bids_filter: Optional[list[str]] = _option(BidsFilterOpt)
@@ -94,6 +97,32 @@ class RunOptions(OptionGroup):
         from ..bids import BidsSelection
 
         return BidsSelection.from_options(self.participant_label, self.session_label, self.bids_filter)
+
+
+@dataclass(frozen=True)
+class RunOptions(BidsOptions):
+    """register, segment and bids: the BIDS selection, the model, compute, warp format and batch resume."""
+
+    model: Optional[Path] = _option(ModelOpt)
+    threads: Optional[int] = _option(ThreadsOpt)
+    refine: int = _option(RefineOpt)
+    warp_format: str = _option(WarpFormatOpt)
+    skip_existing: bool = _option(SkipExistingOpt)
+
+
+QuietOpt = typer.Option(False, "--quiet", "-q", help="No progress bar.")
+
+
+def outputs_option(choices: str) -> Any:
+    """`--outputs` of a command with batch mode; `choices` lists what it can write and its default."""
+    return typer.Option(None, "--outputs", help="Batch mode: comma-separated, from " + choices)
+
+
+def seg_derivatives_option(use: str) -> Any:
+    """`--seg-derivatives` of a command that reads a BIDS dataset's segmentations; `use` ends its help."""
+    return typer.Option(None, "--seg-derivatives", help="BIDS dataset: the derivatives folder (a name under "
+                        "BIDS_ROOT/derivatives/, or a path) with sub-<s>[_ses-<t>]..._dseg.nii[.gz] segmentations "
+                        "of the T1w images; " + use)
 
 
 def with_option_groups(fn: Callable) -> Callable:
