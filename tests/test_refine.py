@@ -1,6 +1,7 @@
 """Instance optimisation (refine.py) on small synthetic volumes whose answer is known."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from atlasmorph_cli.model.layers import integrate_velocity, resize_field, warp
@@ -47,3 +48,30 @@ def test_smoothness_weight_restrains_the_field():
     loose = refine_velocity(vel, subject, template, 30, w_smooth=0.0)
     stiff = refine_velocity(vel, subject, template, 30, w_smooth=1e4)
     assert stiff.abs().mean() < loose.abs().mean()
+
+
+def test_ncc_refinement_ignores_the_subjects_intensity_scale():
+    """Local NCC scores a linearly rescaled subject as well as the original, so refining against a dimmed,
+    offset copy of the shifted slab still recovers the +1.5 voxel shift (what --refine-loss ncc is for)."""
+    template, subject = _slab(8.0), _slab(6.5)
+    out = refine_velocity(torch.zeros(1, 3, 8, 8, 8), 0.4 * subject + 0.3, template, 100, lr=0.05, w_image=1.0,
+                          w_smooth=0.01, image_loss="ncc")
+    fwd_x = resize_field(integrate_velocity(out, 7), 2.0)[0, 0]
+    gx = torch.gradient(subject[0, 0], dim=0)[0].abs()
+    edge = gx > 0.5 * gx.max()
+    assert abs(fwd_x[edge].mean().item() - 1.5) < 0.25
+
+
+def test_refinement_loss_names(tmp_path):
+    """--refine-loss: 'model' keeps the model's own term; 'ncc' switches to local NCC; others are errors."""
+    from synthetic import small_model
+
+    from atlasmorph_cli.errors import AtlasMorphError
+    from atlasmorph_cli.inference.registration import refine_weights
+    from atlasmorph_cli.model.model_file import load_model
+
+    model = load_model(small_model(tmp_path / "m.safetensors"))
+    assert refine_weights(model)["image_loss"] == "mse" and refine_weights(model)["w_image"] == 100.0
+    assert refine_weights(model, "ncc")["image_loss"] == "ncc" and refine_weights(model, "ncc")["w_image"] == 1.0
+    with pytest.raises(AtlasMorphError):
+        refine_weights(model, "nmi")

@@ -82,11 +82,16 @@ def _batch(image: Path, out_dir: Path | None, outputs: str | None, run: RunOptio
 def _request(command: str, image: Path, subject: SubjectOptions, run: RunOptions, outputs: dict[str, Path | None],
              **batch: object) -> SubjectRequest:
     """The SubjectRequest of a register/segment command line."""
+    from ..inference.refine import REFINE_LOSSES
+
+    if run.refine_loss not in REFINE_LOSSES:
+        raise AtlasMorphError(f"--refine-loss must be one of {', '.join(REFINE_LOSSES)}, got '{run.refine_loss}'")
     return SubjectRequest(
         command, image, attribute_values(subject.age, subject.sex, subject.attr),
         {**outputs, "brainmask": subject.brain_mask, "brain": subject.brain, "quality": subject.quality,
          "qc": subject.qc},
-        mask=subject.mask, skullstripped=subject.skullstripped, refine=run.refine, warp_format=run.warp_format,
+        mask=subject.mask, skullstripped=subject.skullstripped, refine=run.refine, refine_loss=run.refine_loss,
+        warp_format=run.warp_format,
         model_path=run.model, threads=run.threads, strict=subject.strict, skip_existing=run.skip_existing,
         bids=run.selection(), **batch)
 

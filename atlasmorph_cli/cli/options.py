@@ -23,6 +23,9 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); 
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
 RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
                          "for this subject (about 0.1 s each; 0: the network's warp as is).")
+RefineLossOpt = typer.Option("model", "--refine-loss", help="Image term of the refinement: 'model' (the one the "
+                             "model was trained with; MSE for the shipped model) or 'ncc' (local NCC: robust to "
+                             "another scanner's contrast; about twice the refinement time; docs/ood.md).")
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
 SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
 AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
@@ -106,6 +109,7 @@ class RunOptions(BidsOptions):
     model: Optional[Path] = _option(ModelOpt)
     threads: Optional[int] = _option(ThreadsOpt)
     refine: int = _option(RefineOpt)
+    refine_loss: str = _option(RefineLossOpt)
     warp_format: str = _option(WarpFormatOpt)
     skip_existing: bool = _option(SkipExistingOpt)
 

@@ -52,6 +52,7 @@ class SubjectRequest:
     mask: Path | None = None
     skullstripped: bool = False
     refine: int = REFINE_STEPS
+    refine_loss: str = "model"  # --refine-loss: the refinement's image term (inference.refine.REFINE_LOSSES)
     warp_format: str = "fs"
     model_path: Path | None = None
     threads: int | None = None

@@ -155,7 +155,8 @@ def process_subject(model: AtlasMorph, vec, subj: Volume, brain: Brain, req: Sub
     `table` (a one-row table; a batch writes its table at the end). Returns the quality and, for segment,
     the row's cells. `template` (--template) replaces the model's conditional template (`vec` is then unused).
     """
-    reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine, template=template)
+    reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine, template=template,
+                           refine_loss=req.refine_loss)
     q = check_quality(reg, brain, name, warn)
     seg = cells = None
     if req.command == "segment":

@@ -21,7 +21,8 @@ from ..model.loss_weights import LossWeights
 from ..model.model_file import AtlasMorph
 from ..model.layers import jacobian_determinant, sample_at
 from ..model.networks import velocity_to_displacements
-from .refine import REFINE_LR, REFINE_STEPS, refine_velocity
+from ..errors import AtlasMorphError
+from .refine import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS, refine_velocity
 from .template import Template, make_template
 from ..geometry.space import Grid, grid_coords, resample, voxel_map
 from ..geometry.transforms import AffineTransform, DisplacementField
@@ -160,10 +161,11 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 
 @torch.no_grad()
 def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | None, mask: Volume | None = None,
-             refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR, template: Template | None = None) -> Registration:
+             refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR, template: Template | None = None,
+             refine_loss: str = "model") -> Registration:
     """Affine + deformable registration of a subject to its attribute-matched template (or to `template`,
     e.g. one read by --template or one being built); `refine` > 0 adds that many instance-optimisation
-    steps (Adam, `refine_lr`) on the RegNet's velocity (inference.refine)."""
+    steps (Adam, `refine_lr`, image term `refine_loss`) on the RegNet's velocity (inference.refine)."""
     tmpl = template if template is not None else make_template(model, attrs)
     m, brain = subject_brain(subject, mask)
     fixed = tmpl.t1 * (tmpl.probs[0] < 0.5)
@@ -172,14 +174,20 @@ def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | N
     t1 = torch.from_numpy(tmpl.t1)[None, None]
     vel = model.reg_net(x, t1)
     if refine:
-        vel = refine_velocity(vel, x, t1, refine, lr=refine_lr, **refine_weights(model))
+        vel = refine_velocity(vel, x, t1, refine, lr=refine_lr, **refine_weights(model, refine_loss))
     fwd, inv, _ = velocity_to_displacements(vel, model.config.int_steps)
     return Registration(tmpl, world, fwd[0], inv[0], subject, brain, vel[0])
 
 
-def refine_weights(model: AtlasMorph) -> dict:
-    """Image and smoothness weights and image loss the model was trained with (defaults if unrecorded)."""
+def refine_weights(model: AtlasMorph, loss: str = "model") -> dict:
+    """Refinement terms: the image loss and weights the model was trained with ("model"; defaults if
+    unrecorded), or local NCC at weight NCC_REFINE_WEIGHT ("ncc"), with the model's smoothness weight."""
+    if loss not in REFINE_LOSSES:
+        raise AtlasMorphError(f"unknown refinement loss '{loss}' (choose from {', '.join(REFINE_LOSSES)})")
     w = {**asdict(LossWeights()), **(model.config.loss_weights or {})}
+    if loss == "ncc":
+        return {"w_image": NCC_REFINE_WEIGHT, "w_smooth": float(w["smooth"]), "image_loss": "ncc",
+                "int_steps": model.config.int_steps}
     return {"w_image": float(w["image"]), "w_smooth": float(w["smooth"]),
             "image_loss": model.config.training.get("image_loss", "mse"), "int_steps": model.config.int_steps}
 
