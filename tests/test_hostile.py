@@ -246,11 +246,12 @@ def test_item6_template_keeps_one_age_in_memory(tmp_path, inputs, monkeypatch):
     template is written and freed before the next is computed."""
     import weakref
 
+    from atlasmorph_cli.cli import outputs
     from atlasmorph_cli.cli import run as commands
 
     cwd = case_folder(tmp_path, inputs)
     alive: list = []
-    real_make, real_save = commands.make_template, commands.save_volume
+    real_make, real_save = commands.make_template, outputs.save_volume
     peak = [0]
 
     def make(model, vec):
@@ -263,7 +264,7 @@ def test_item6_template_keeps_one_age_in_memory(tmp_path, inputs, monkeypatch):
         return real_save(*a, **k)
 
     monkeypatch.setattr(commands, "make_template", make)
-    monkeypatch.setattr(commands, "save_volume", save)
+    monkeypatch.setattr(outputs, "save_volume", save)  # cli.outputs.save_template writes every template file
     code, stderr = run_inprocess(["template", "--age", "20:80:10", "--sex", "F", *MODEL, "-o", "out/t.nii.gz",
                                   "--probs", "out/p.nii.gz", "--png", "out/t.png"], cwd)
     assert code == 0, stderr

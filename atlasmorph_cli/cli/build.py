@@ -225,10 +225,10 @@ def run_build(req: BuildRequest, warn: Warn) -> dict:
 
     from ..inference.build import build_template
     from ..inference.template import load_template, make_template
-    from ..io.volumes import all_or_nothing, save_volume
+    from ..io.volumes import all_or_nothing
     from ..model.shipped import load
     from ..progress import progress_bar
-    from .outputs import MNI_XFORM, register_writes
+    from .outputs import register_writes, save_template
 
     started = time.perf_counter()
     subjects = _read_inputs(req, warn)
@@ -276,12 +276,12 @@ def run_build(req: BuildRequest, warn: Warn) -> dict:
         with all_or_nothing():
             final_mm = None
             if req.warps_dir is not None:  # one more pass: each subject's warp to the template as built
-                from ..inference.build import displacement_norm_mm
+                from ..inference.build import displacement_norm_mm, voxel_size_mm
                 from ..inference.registration import register_subject
 
                 task = bar.add_task("warps", total=len(kept))
                 norms = []
-                vox = float(np.abs(template.grid.affine[0, 0]))
+                vox = voxel_size_mm(template.grid.affine)
                 for k in kept:
                     s, subj, brain, _ = group.items[k]
                     reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=req.refine,
@@ -292,12 +292,7 @@ def run_build(req: BuildRequest, warn: Warn) -> dict:
                         w()
                     bar.advance(task)
                 final_mm = float(np.mean(norms))
-            save_volume(template.t1.astype(np.float32), template.grid.affine, req.output, xform_code=MNI_XFORM)
-            if req.labels is not None:
-                save_volume(template.labels, template.grid.affine, req.labels, dtype=np.int32, xform_code=MNI_XFORM)
-            if req.probs is not None:
-                save_volume(np.moveaxis(template.probs, 0, -1), template.grid.affine, req.probs, dtype=np.float32,
-                            xform_code=MNI_XFORM)
+            save_template(template, req.output, req.labels, req.probs)
             report = {
                 "subjects": len(subjects), "used": len(kept),
                 "left_out": [{"subject": s.id, "error": e} for s, e in failed],

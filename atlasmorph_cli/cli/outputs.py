@@ -27,6 +27,15 @@ SEGMENT_FLAGS = {"dseg": "--output", "probseg": "--probs"}
 SUBJECT_FLAGS = {"brainmask": "--brain-mask", "brain": "--brain", "quality": "--quality", "qc": "--qc"}
 
 
+def save_template(t, output: Path, labels: Path | None = None, probs: Path | None = None) -> None:
+    """Write a template on the model grid (MNI xform): its T1, and its hard labels and 4D probabilities when asked."""
+    save_volume(t.t1.astype(np.float32), t.grid.affine, output, xform_code=MNI_XFORM)
+    if labels is not None:
+        save_volume(t.labels, t.grid.affine, labels, dtype=np.int32, xform_code=MNI_XFORM)
+    if probs is not None:
+        save_volume(np.moveaxis(t.probs, 0, -1), t.grid.affine, probs, dtype=np.float32, xform_code=MNI_XFORM)
+
+
 def check_warp_format(warp_format: str) -> None:
     """--warp-format names one of the displacement formats."""
     if warp_format not in WARP_FORMATS:

@@ -29,8 +29,8 @@ from ..progress import progress_bar
 from .batch import (MAX_LISTED, QC_INDEX_NAME, VOLUMES_NAME, BatchResult, BatchSubject, FolderOutputs,
                     is_batch_input, parse_outputs, read_batch_input, segment_volumes_path, subject_attrs)
 from .batch_resume import keep_finished, skip_finished
-from .outputs import (MNI_XFORM, REGISTER_FLAGS, SEGMENT_FLAGS, SUBJECT_FLAGS, brain_writes, check_outputs,
-                      check_warp_format, qc_write, register_writes)
+from .outputs import (REGISTER_FLAGS, SEGMENT_FLAGS, SUBJECT_FLAGS, brain_writes, check_outputs, check_warp_format,
+                      qc_write, register_writes, save_template)
 from .request import SubjectRequest, attribute_values
 from .safety import check_batch_outputs, check_distinct, outputs_not_inputs
 from .volumes_table import volume_cells, write_volumes
@@ -94,12 +94,7 @@ def run_template(output, age, sex, attr, labels, probs, png, model_path, threads
         for a, vec in vectors:
             t = make_template(model, vec)
             name = (lambda p: _with_age(p, a)) if series else (lambda p: p)
-            save_volume(t.t1.astype(np.float32), t.grid.affine, name(output), xform_code=MNI_XFORM)
-            if labels:
-                save_volume(t.labels, t.grid.affine, name(labels), dtype=np.int32, xform_code=MNI_XFORM)
-            if probs:
-                save_volume(np.moveaxis(t.probs, 0, -1), t.grid.affine, name(probs), dtype=np.float32,
-                            xform_code=MNI_XFORM)
+            save_template(t, name(output), name(labels) if labels else None, name(probs) if probs else None)
             if a in shown:
                 kept.append((a, SimpleNamespace(t1=t.t1)))
             del t

@@ -71,11 +71,21 @@ class BuildResult:
     failed: dict[int, str] = field(default_factory=dict)
 
 
+def voxel_size_mm(affine: np.ndarray) -> float:
+    """Mean voxel edge (mm) of a grid's affine: displacements in voxels times this are in mm."""
+    return float(np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0)).mean())
+
+
+def mean_length_mm(disp: torch.Tensor, brain: np.ndarray, voxel_mm: float) -> float:
+    """Mean length (mm) inside `brain` (everywhere if empty) of a displacement field (3,X,Y,Z) in voxels."""
+    norm = disp.norm(dim=0).numpy() * voxel_mm
+    return float(norm[brain].mean()) if brain.any() else float(norm.mean())
+
+
 def displacement_norm_mm(velocity: torch.Tensor, brain: np.ndarray, voxel_mm: float, int_steps: int) -> float:
     """Mean length (mm) inside `brain` of the full-resolution displacement exp(velocity) - id."""
     full, _, _ = velocity_to_displacements(velocity[None], int_steps, inverse=False)
-    norm = full[0].norm(dim=0).numpy() * voxel_mm
-    return float(norm[brain].mean()) if brain.any() else float(norm.mean())
+    return mean_length_mm(full[0], brain, voxel_mm)
 
 
 def sharpness(t1: np.ndarray, brain: np.ndarray, voxel_mm: float) -> float:
@@ -107,7 +117,7 @@ def build_template(n_subjects: int, register: Register, initial: Template, itera
     """
     if iterations < 1:
         raise AtlasMorphError(f"--iterations must be at least 1, got {iterations}")
-    voxel_mm = float(np.sqrt((np.asarray(initial.grid.affine)[:3, :3] ** 2).sum(0)).mean())
+    voxel_mm = voxel_size_mm(initial.grid.affine)
     template, records, failed = initial, [], {}
     for it in range(iterations):
         start = time.perf_counter()
@@ -145,7 +155,7 @@ def build_template(n_subjects: int, register: Register, initial: Template, itera
         labels = sum_probs / done if with_probs else template.probs
         mean_vel = (sum_vel / done).float()
         t1, probs, corr = correct_shape(sum_image / done, labels, mean_vel, int_steps)
-        correction = float((corr.norm(dim=0).numpy() * voxel_mm)[brain].mean()) if brain.any() else 0.0
+        correction = mean_length_mm(corr, brain, voxel_mm) if brain.any() else 0.0
         template = Template(t1, probs, initial.grid)
         records.append(Iteration(it + 1, done, displacement / done, correction,
                                  sharpness(t1, probs[0] < 0.5, voxel_mm), time.perf_counter() - start))
