@@ -54,3 +54,12 @@ def test_augment_without_perturbations_is_the_normalised_input():
     x = _brain()
     none = AugmentSettings(bias_std=0.0, gamma_std=0.0, noise_max=0.0, thick_prob=0.0)
     assert torch.allclose(augment(x, torch.Generator().manual_seed(0), none), renormalize(x, x > 0), atol=1e-6)
+
+
+def test_augment_fraction_shows_some_subjects_clean():
+    """fraction 0: every subject comes back untouched; 0.5 over a batch: some perturbed, some exactly clean."""
+    x = torch.cat([_brain()] * 8)
+    assert torch.equal(augment(x, torch.Generator().manual_seed(1), AugmentSettings(fraction=0.0)), x)
+    half = augment(x, torch.Generator().manual_seed(1), AugmentSettings(fraction=0.5))
+    clean = [bool(torch.equal(half[b], x[b])) for b in range(8)]
+    assert 0 < sum(clean) < 8, clean

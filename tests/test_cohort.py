@@ -1,6 +1,8 @@
 """Cohort CSV parsing (errors name the row) and preparation of real subjects into the model space."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -90,3 +92,15 @@ def test_split_keeps_a_participants_sessions_together():
     flat = [Subject(i, f"s{i}", Path(f"/x/{i}.nii"), None, None, {}) for i in range(20)]
     train, val = split_subjects(flat, 0.3, 0)
     assert len(val) == 6 and not {s.id for s in train} & {s.id for s in val}
+
+
+def test_reference_mni152_keeps_the_scratch_reference_when_fine_tuning(data_dir, monkeypatch, tmp_path):
+    """`--init M --reference mni152` prepares subjects against the MNI152 brain (as a run from scratch does),
+    not against M's template: M is not even read."""
+    import numpy as np
+
+    from atlasmorph_cli.training.reference import mni_reference, training_reference
+
+    monkeypatch.setenv("ATLASMORPH_DATA", str(data_dir))
+    ref = training_reference(Path("mni152"), init=tmp_path / "no-such-model.safetensors")
+    np.testing.assert_array_equal(ref, mni_reference(data_dir)[0])

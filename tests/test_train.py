@@ -191,3 +191,15 @@ def test_training_on_cuda_follows_cpu(cohort, tmp_path):
     train(settings(cohort, part, steps=10, device="cuda", resume=True), ref)
     resumed = np.array([float(h["loss"]) for h in csv.DictReader(open(part / "history.csv"))])
     np.testing.assert_allclose(resumed, loss["gpu"], rtol=0.05)
+
+
+def test_volume_prior_makes_the_template_age_like_the_cohort(trained, cohort, tmp_path):
+    """v1 architecture (no template deformation), the same 30 steps with and without the volume term: the
+    term pulls the template's ventricle volumes toward the cohort's trend (x12.7 from 20 to 80)."""
+    out = tmp_path / "volume"
+    w = LossWeights(image=1.0, smooth=0.05, centrality=0.1, volume=10.0)
+    train(settings(cohort, out, template_deform=False, weights=w), small_reference())
+    young0, old0 = _ventricle_volumes(load_model(trained / "model.safetensors"))
+    young, old = _ventricle_volumes(load_model(out / "model.safetensors"))
+    assert old / young > 1.3 * (old0 / young0), (young0, old0, young, old)
+    assert load_model(out / "model.safetensors").config.loss_weights["volume"] == 10.0

@@ -123,6 +123,11 @@ def train_command(
                                      "toward zero (v1 used 1; off with the deformable template, which is refitted "
                                      "to the centre itself)."),
     w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
+    w_volume: float = typer.Option(
+        LossWeights.volume, min=0.0,
+        help="Weight: the template's structure volumes (sums of label probabilities) against the training "
+             "subjects' volumes regressed on their attributes, so each template carries the anatomy typical "
+             "of its attributes (needs label maps; 0 = off)."),
     shape_every: int = typer.Option(
         25, min=1, help="Steps between closed-form refits of the deformable template: the regression of the "
                         "subjects' stored warps on their attributes (each template moves to the centre of its "
@@ -135,6 +140,10 @@ def train_command(
         True, "--augment/--no-augment",
         help="Show the registration network subjects perturbed by smooth bias fields, gamma, noise and thick "
              "slices (losses are scored on the clean subject), so it copes with other scanners."),
+    augment_fraction: float = typer.Option(
+        1.0, min=0.0, max=1.0,
+        help="With --augment: the fraction of subjects shown perturbed; the rest are shown clean (the network "
+             "keeps its in-distribution accuracy)."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "
@@ -144,7 +153,8 @@ def train_command(
     seed: int = typer.Option(0, help="Random seed (split, sampling)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/checkpoint.safetensors (same options; a lower --lr anneals, the same --lr continues exactly)."),
     init: Optional[Path] = typer.Option(None, "--init", help="Start from this model (fine-tuning)."),
-    reference: Optional[Path] = typer.Option(None, help="Affine target: brain T1 in MNI space (default: MNI152 "
+    reference: Optional[Path] = typer.Option(None, help="Affine target: brain T1 in MNI space, or 'mni152' for the "
+                                             "MNI152 brain of $ATLASMORPH_DATA (default: MNI152 "
                                              "from $ATLASMORPH_DATA, or the --init model's template)."),
     cache: Optional[Path] = typer.Option(None, help="Cache of prepared subjects (default: OUT/cache)."),
     name: str = typer.Option("atlasmorph-custom", help="Model name stored in the file."),
@@ -184,11 +194,11 @@ def train_command(
     names = [] if attributes.strip().lower() == "none" else [a.strip() for a in attributes.split(",") if a.strip()]
     settings = TrainSettings(
         data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
-        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude),
+        weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude, w_volume),
         image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
-        template_deform=template_deform, augment=augment, shape_every=shape_every,
+        template_deform=template_deform, augment=augment, augment_fraction=augment_fraction, shape_every=shape_every,
         bids=selection if bids else None, seg_derivatives=seg_derivatives,
     )
     final = run_train(settings, training_reference(reference, init))

@@ -81,6 +81,16 @@ def _present_dice_loss(inter: torch.Tensor, mass: torch.Tensor, count: torch.Ten
     return 1.0 - dice[present].mean()
 
 
+def log_volume_loss(probs: torch.Tensor, log_target: torch.Tensor, voxel_volume: float = 1.0) -> torch.Tensor:
+    """Mean squared difference between log(1 + volume) of each structure of probs (B, C, X, Y, Z; channel 0,
+    background, left out) and log_target (B, C; NaN = not scored): volumes are sums of probabilities x
+    voxel_volume."""
+    vol = probs[:, 1:].sum(tuple(range(2, probs.dim()))) * voxel_volume
+    target = log_target[:, 1:]
+    scored = torch.isfinite(target)
+    return ((torch.log1p(vol) - target.nan_to_num()) ** 2)[scored].mean()
+
+
 def gradient_l2(field: torch.Tensor) -> torch.Tensor:
     """Smoothness prior: mean over the 3 spatial axes of the mean squared forward difference."""
     dx = field[:, :, 1:] - field[:, :, :-1]

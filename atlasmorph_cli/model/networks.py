@@ -15,6 +15,19 @@ def conv_block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(cin, cout, 3, stride=stride, padding=1), nn.LeakyReLU(0.2))
 
 
+def quadratic_basis(attrs: torch.Tensor) -> torch.Tensor:
+    """(B, 1 + 2A) regression basis [1, a, a^2] of encoded attributes (B, A): the template's shape and the
+    volume prior are both regressions on it."""
+    return torch.cat([attrs.new_ones(attrs.shape[0], 1), attrs, attrs * attrs], dim=1)
+
+
+def ridge_coefficients(gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-3) -> torch.Tensor:
+    """Solve (G + lam I) C = X for the regression coefficients C, lam = ridge x the mean diagonal of G (it
+    also settles the collinear columns of one-hot attributes)."""
+    lam = ridge * float(torch.diagonal(gram).mean())
+    return torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device), cross)
+
+
 def upsample2(x: torch.Tensor) -> torch.Tensor:
     """Trilinearly upsample a volume x2 per axis (voxel-extent convention, as resize_field)."""
     return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=False)
@@ -82,8 +95,7 @@ class TemplateNet(nn.Module):
 
     def shape_basis(self, attrs: torch.Tensor) -> torch.Tensor:
         """(B, 1 + 2A) regression basis [1, a, a^2] of encoded attributes clamped to the training range."""
-        a = torch.minimum(torch.maximum(attrs.to(self.shape_coef.dtype), self.attr_lo), self.attr_hi)
-        return torch.cat([a.new_ones(a.shape[0], 1), a, a * a], dim=1)
+        return quadratic_basis(torch.minimum(torch.maximum(attrs.to(self.shape_coef.dtype), self.attr_lo), self.attr_hi))
 
     def velocity_quarter(self, attrs: torch.Tensor) -> torch.Tensor:
         """The template velocity at quarter resolution (B, 3, X/4, Y/4, Z/4; quarter-grid voxels)."""
@@ -102,11 +114,8 @@ class TemplateNet(nn.Module):
 
     @torch.no_grad()
     def fit_shape(self, gram: torch.Tensor, cross: torch.Tensor, ridge: float = 1e-3) -> None:
-        """Coefficients of the ridge regression of the targets on the basis (ridge relative to the mean
-        diagonal of the Gram matrix; it also settles the collinear columns of one-hot attributes)."""
-        k = gram.shape[0]
-        lam = ridge * float(torch.diagonal(gram).mean())
-        coef = torch.linalg.solve(gram + lam * torch.eye(k, dtype=gram.dtype, device=gram.device), cross)
+        """Coefficients of the ridge regression of the targets on the basis (`ridge_coefficients`)."""
+        coef = ridge_coefficients(gram, cross, ridge)
         self.shape_coef.copy_(coef.view_as(self.shape_coef).to(self.shape_coef.dtype))
 
     def forward_train(self, attrs: torch.Tensor) -> dict[str, torch.Tensor | None]:

@@ -22,6 +22,7 @@ class AugmentSettings:
     noise_max: float = 0.05  # Gaussian noise sd, uniform in [0, noise_max] of the [0, 1] range
     thick_prob: float = 0.5  # probability of a thick-slice (or blurred) acquisition
     thick_max: int = 3  # slice thickness up to this many model voxels along one random axis
+    fraction: float = 1.0  # probability that a subject is perturbed at all (the rest are shown clean)
 
 
 def _uniform(gen: torch.Generator, n: int = 1) -> torch.Tensor:
@@ -70,6 +71,9 @@ def augment(x: torch.Tensor, gen: torch.Generator, s: AugmentSettings = AugmentS
     mask = x > 0
     out = []
     for b in range(x.shape[0]):
+        if s.fraction < 1.0 and float(_uniform(gen)) >= s.fraction:  # no draw at 1: earlier runs repeat exactly
+            out.append(None)
+            continue
         v = x[b : b + 1].clamp_min(0)
         v = v * bias_field(tuple(v.shape[2:]), s.bias_std, s.bias_points, gen)
         if float(_uniform(gen)) < s.thick_prob:
@@ -79,5 +83,5 @@ def augment(x: torch.Tensor, gen: torch.Generator, s: AugmentSettings = AugmentS
         gamma = float(torch.exp(torch.randn(1, generator=gen) * s.gamma_std))
         v = v.clamp_min(0) ** gamma
         v = v + torch.randn(v.shape, generator=gen) * float(_uniform(gen)) * s.noise_max * float(v.max())
-        out.append(v)
-    return renormalize(torch.cat(out), mask)
+        out.append(renormalize(v, mask[b : b + 1]))
+    return torch.cat([x[b : b + 1] if v is None else v for b, v in enumerate(out)])

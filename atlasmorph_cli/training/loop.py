@@ -29,12 +29,13 @@ from ..model.loss_weights import LossWeights
 from ..model.model_file import AtlasMorph, ModelConfig, load_model, save_model
 from ..progress import progress_bar
 from . import runs
-from .augment import augment
+from .augment import AugmentSettings, augment
 from .bids_cohort import read_bids_cohort
 from .checkpoints import load_checkpoint, save_checkpoint
 from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from .split import apply_split, read_split, split_subjects, usable_subjects
 from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_template_shape, validate
+from .volume_prior import expected_log_volumes
 
 
 @dataclass
@@ -67,6 +68,7 @@ class TrainSettings:
     template_deform: bool = True  # template = base o exp(w(a)) + residual; --init from a v1 model adds it
     shape_every: int = 25  # steps between closed-form refits of the deformable template on the subjects' warps
     augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
+    augment_fraction: float = 1.0  # of the subjects shown to RegNet, the fraction perturbed (the rest clean)
     name: str = "atlasmorph-custom"
     quiet: bool = False
     bids: BidsSelection | None = None  # BIDS dataset: --participant-label/--session-label/--bids-filter
@@ -174,7 +176,16 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
     model.train()
 
-    step_module = TrainingStep(model, s)
+    volume_target = None
+    if s.weights.volume:
+        if not bool(has_lab.any()):
+            raise AtlasMorphError("--w-volume needs label maps (seg) for the training subjects")
+        n_classes = model.template_net.n_classes
+        volume_target = torch.zeros(len(train_subj), n_classes)
+        volume_target[has_lab] = expected_log_volumes(tr_lab[has_lab], tr_attr[has_lab], n_classes)
+        volume_target = volume_target.to(device)
+    step_module = TrainingStep(model, s, volume_target)
+    aug_settings = AugmentSettings(fraction=s.augment_fraction)
     runner = (torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
               if world > 1 else step_module)
     # fused Adam: one kernel over all parameters, ~10x faster than the per-tensor loop on CPU
@@ -210,7 +221,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         while step < s.steps:
             pick = my_idx[torch.randint(len(my_idx), (s.batch_size,), generator=gen)]
             x = tr_t1[pick, None]
-            x_seen = augment(x, gen) if s.augment else x
+            x_seen = augment(x, gen, aug_settings) if s.augment else x
             x, x_seen = x.to(device), x_seen.to(device)
             total, terms, low, target = runner(
                 x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device), tr_attr[pick].to(device),

@@ -37,12 +37,13 @@ def mni_reference(data_dir: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def training_reference(reference: Path | None, init: Path | None) -> np.ndarray:
     """The affine target for cohort preparation, on the model grid (see `atlasmorph train --help`): the
-    --reference brain, else the --init model's population-average template brain, else MNI152 from the data folder."""
-    if reference is not None:
+    --reference brain, else the --init model's population-average template brain, else MNI152 from the data folder
+    (also `--reference mni152`: a fine-tuning run then prepares its subjects as a run from scratch did)."""
+    if reference is not None and str(reference).lower() != "mni152":
         ref = load_volume(reference)
         grid = resample(ref.data, ref.affine, MODEL_GRID)
         return normalize(grid, grid > 0)
-    if init is not None:
+    if init is not None and reference is None:
         from ..inference.template import encode_attributes, make_template
         from ..model.shipped import load
 

@@ -78,9 +78,12 @@ def refit_template_shape(model: AtlasMorph, memory: dict) -> None:
 class TrainingStep(torch.nn.Module):
     """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
 
-    def __init__(self, model: AtlasMorph, settings):
+    def __init__(self, model: AtlasMorph, settings, volume_target: torch.Tensor | None = None):
+        """volume_target: each training subject's expected log(1 + volume) per class (training.volume_prior),
+        needed when the volume term is on."""
         super().__init__()
         self.model = model
+        self.volume_target = volume_target
         self.w = settings.weights
         self.image_loss = losses.get_image_loss(settings.image_loss)
         self.bandwidth = settings.bandwidth
@@ -102,6 +105,9 @@ class TrainingStep(torch.nn.Module):
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
             terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
+        if self.w.volume:  # the template's own volumes (half-resolution voxels are 8 model voxels)
+            terms["volume"] = losses.log_volume_loss(torch.softmax(logits_half, dim=1),
+                                                     self.volume_target[idx.to(self.volume_target.device)], 8.0)
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)
@@ -109,7 +115,8 @@ class TrainingStep(torch.nn.Module):
             low, attrs, mem_fields, mem_attrs, mem_filled, idx, self.bandwidth
         )
         weights = {"image": self.w.image, "image_inv": self.w.image_inverse, "seg": self.w.seg,
-                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality}
+                   "smooth": self.w.smooth, "magnitude": self.w.magnitude, "centrality": self.w.centrality,
+                   "volume": self.w.volume}
         total = sum(weights[k] * v for k, v in terms.items() if k in weights)
         return total, terms, low.detach(), target
 
