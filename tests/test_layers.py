@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from atlasmorph_cli.model.layers import (
+    box_mean,
     identity_grid,
     integrate_velocity,
     jacobian_determinant,
@@ -102,3 +103,43 @@ def test_jacobian_of_integrated_velocity_is_positive():
     jac = jacobian_determinant(integrate_velocity(vel, 7))
     assert jac.min() > 0
     assert math.isclose(jac.mean().item(), 1.0, abs_tol=0.1)
+
+
+def _brute_box_mean(x: torch.Tensor, window: int, border: str) -> torch.Tensor:
+    """Box means by direct summation over every box, in float64 (the definition, slowly)."""
+    r = window // 2
+    v = x.double()
+    X, Y, Z = v.shape[-3:]
+    out = torch.zeros_like(v)
+    for i in range(X):
+        for j in range(Y):
+            for k in range(Z):
+                box = v[..., max(i - r, 0):i + r + 1, max(j - r, 0):j + r + 1, max(k - r, 0):k + r + 1]
+                count = box.shape[-1] * box.shape[-2] * box.shape[-3] if border == "shrink" else window**3
+                out[..., i, j, k] = box.sum((-1, -2, -3)) / count
+    return out
+
+
+def test_box_mean_shrink_and_zero_borders_match_the_definition():
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 1, 7, 9, 6, generator=g) * 100.0 + 50.0  # large values: rounding would show
+    for window in (1, 3, 5):  # (average pooling, like the 3-D form before, needs every side >= the window)
+        for border in ("shrink", "zero"):
+            got = box_mean(x, window, border=border)
+            assert got.shape == x.shape and got.dtype == x.dtype
+            assert torch.allclose(got.double(), _brute_box_mean(x, window, border), rtol=1e-5, atol=1e-4)
+
+
+def test_box_mean_shrink_equals_3d_average_pooling_with_gradients():
+    """The separable form gives avg_pool3d's numbers (float tolerance), unbatched input and gradient included."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.rand(1, 2, 12, 10, 11, generator=g, requires_grad=True)
+    ref = F.avg_pool3d(x, 9, stride=1, padding=4, count_include_pad=False)
+    got = box_mean(x, 9)
+    assert torch.allclose(got, ref, atol=1e-6)
+    w = torch.rand(ref.shape, generator=g)
+    (gx_ref,) = torch.autograd.grad((ref * w).sum(), x)
+    (gx,) = torch.autograd.grad((got * w).sum(), x)
+    assert torch.allclose(gx, gx_ref, atol=1e-6)
+    assert torch.allclose(box_mean(x[0], 5), F.avg_pool3d(x[0], 5, stride=1, padding=2, count_include_pad=False),
+                          atol=1e-6)
