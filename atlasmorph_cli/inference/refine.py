@@ -47,13 +47,29 @@ def refine_velocity(
         return vel.detach()
     image = get_image_loss(image_loss)
     subject, template_t1 = subject.detach(), template_t1.detach()
-    opt = torch.optim.Adam([vel], lr=lr)
+    m1, m2 = torch.zeros_like(vel), torch.zeros_like(vel)
     with torch.enable_grad():
-        for _ in range(steps):
-            opt.zero_grad(set_to_none=True)
+        for step in range(1, steps + 1):
+            vel.grad = None
             full, _, half = velocity_to_displacements(vel, int_steps, inverse=False)
             moved = warp(template_t1, full)
             loss = w_image * image(subject, moved) + w_smooth * gradient_l2(half)
             loss.backward()
-            opt.step()
+            with torch.no_grad():
+                adam_step(vel, vel.grad, m1, m2, step, lr)
     return vel.detach()
+
+
+def adam_step(param: torch.Tensor, grad: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, step: int, lr: float,
+              betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    """One Adam update of `param` in place (moments m1, m2 updated too; `step` counts from 1).
+
+    The operations of torch.optim.Adam's single-tensor path (its default on CPU) in its order, so the numbers
+    are the same; written out because constructing torch.optim.Adam imports torch._dynamo, about 1.2 s of
+    every new process.
+    """
+    beta1, beta2 = betas
+    m1.lerp_(grad, 1 - beta1)
+    m2.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    denom = (m2.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    param.addcdiv_(m1, denom, value=-(lr / (1 - beta1**step)))
