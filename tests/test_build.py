@@ -13,7 +13,7 @@ import torch
 
 from atlasmorph_cli.errors import AtlasMorphError
 from atlasmorph_cli.geometry.space import MODEL_GRID, Grid
-from atlasmorph_cli.inference.build import Aligned, build_template
+from atlasmorph_cli.inference.build import Aligned, build_template, correct_on_grid, finer_grid
 from atlasmorph_cli.inference.refine import refine_velocity
 from atlasmorph_cli.inference.template import Template, load_template
 from atlasmorph_cli.io.volumes import save_volume
@@ -47,8 +47,8 @@ def stub_register(subjects: list[np.ndarray], fail: set[int] = frozenset(), with
                             60, lr=0.15, w_image=100.0, w_smooth=1.0)
         _, inv, _ = velocity_to_displacements(v, 7)
         moved = warp(s, inv)[0, 0].numpy()
-        probs = np.stack([1 - moved, moved]) if with_probs else None
-        return Aligned(moved, v[0], probs)
+        probs = (lambda: np.stack([1 - moved, moved])) if with_probs else None
+        return Aligned(moved, v[0], probs, lambda grid: moved)
 
     return register
 
@@ -99,6 +99,27 @@ def test_subject_labels_are_averaged(spheres):
     result = build_template(3, stub_register(spheres, with_probs=True), initial(11.0), 2)
     # the subjects' own label (the sphere) averaged in template space, then corrected like the T1
     assert abs(radius(result.template.probs[1]) - np.mean([radius(s) for s in spheres])) < 0.5
+
+
+def test_fine_output_on_the_template_grid_is_the_template(spheres):
+    result = build_template(3, stub_register(spheres), initial(11.0), 2, fine_grid=GRID)
+    assert result.fine_grid is GRID and np.allclose(result.fine, result.template.t1, atol=1e-5)
+
+
+def test_finer_grid_covers_the_same_field_of_view():
+    fine = finer_grid(GRID, 1.0)  # GRID: 2 mm voxels, voxel 0 centred at world 0, so covering -1..63 mm
+    assert fine.shape == (2 * N,) * 3
+    assert np.allclose(fine.affine[:3, :3], np.eye(3)) and np.allclose(fine.affine[:3, 3], -0.5)
+    assert finer_grid(GRID, 2.0).shape == GRID.shape and np.allclose(finer_grid(GRID, 2.0).affine, GRID.affine)
+
+
+def test_correction_on_a_finer_grid_is_the_same_map():
+    fine = finer_grid(GRID, 1.0)
+    image = np.random.default_rng(0).random(fine.shape).astype(np.float32)
+    shift = torch.zeros(3, N, N, N)
+    shift[0] = 1.0  # out(x) = in(x + 1 model voxel along x) = in(x + 2 fine voxels)
+    out = correct_on_grid(image, shift, GRID, fine)
+    assert np.allclose(out[4:-4], image[6:-2], atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------- --template files
@@ -193,8 +214,9 @@ def test_nipype_build_and_template_inputs(tmp_path):
 
     _model_grid_template(tmp_path)
     (tmp_path / "c.txt").write_text("t.nii.gz\n")
-    b = Build(in_file=str(tmp_path / "c.txt"), iterations=2)
+    b = Build(in_file=str(tmp_path / "c.txt"), iterations=2, hires_file=True)
     assert b.cmdline.startswith("atlasmorph build ") and "--iterations 2" in b.cmdline
+    assert "--hires template_hires.nii.gz" in b.cmdline
     s = Segment(in_file=str(tmp_path / "t.nii.gz"), template=str(tmp_path / "t.nii.gz"),
                 template_labels=str(tmp_path / "l.nii.gz"))
     assert f"--template {tmp_path / 't.nii.gz'}" in s.cmdline and "--template-labels" in s.cmdline
@@ -219,14 +241,20 @@ def test_build_three_ixi_subjects_then_segment_with_it(tmp_path, data_dir, ixi_r
             w.writerow([r["subject"], ixi / r["t1"], ixi / r["seg"], r["age"], r["sex"]])
     out = tmp_path / "tpl.nii.gz"
     r = run("build", str(tmp_path / "group.csv"), "-o", str(out), "--labels", str(tmp_path / "lab.nii.gz"),
-            "--iterations", "1", "--refine", "2", "--report", str(tmp_path / "rep.json"), "--threads", "2", "-q")
+            "--iterations", "1", "--refine", "2", "--report", str(tmp_path / "rep.json"), "--threads", "2", "-q",
+            "--hires", str(tmp_path / "hires.nii.gz"))
     assert r.returncode == 0, r.stderr
     img = nib.load(str(out))
     assert img.shape == MODEL_GRID.shape and np.allclose(img.affine, MODEL_GRID.affine)
+    # IXI's inputs are 2 mm: --hires is on the model grid, averaged from the native images the same way
+    hires = nib.load(str(tmp_path / "hires.nii.gz"))
+    assert hires.shape == MODEL_GRID.shape and np.allclose(hires.affine, MODEL_GRID.affine)
+    assert np.allclose(hires.get_fdata(), img.get_fdata(), atol=1e-4)
     import json
 
     rep = json.loads((tmp_path / "rep.json").read_text())
     assert rep["used"] == 3 and len(rep["iterations"]) == 1 and rep["labels"] == "averaged subject segmentations"
+    assert rep["hires"] == {"voxel_mm": 2.0, "shape": list(MODEL_GRID.shape)}
     row = ixi_rows[4]  # a subject not in the group, brain-extracted by its own seg
     t1 = nib.load(str(ixi / row["t1"]))
     seg = np.asarray(nib.load(str(ixi / row["seg"])).dataobj)
@@ -235,3 +263,23 @@ def test_build_three_ixi_subjects_then_segment_with_it(tmp_path, data_dir, ixi_r
             "--template-labels", str(tmp_path / "lab.nii.gz"), "--refine", "2", "--threads", "2")
     assert r.returncode == 0, r.stderr
     assert _dice(np.asarray(nib.load(str(tmp_path / "s.nii.gz")).dataobj), seg) > 0.7
+
+
+def test_registration_with_a_kept_affine_is_register_subjects(data_dir, ixi_rows):
+    """build's later iterations skip the affine fit: with the first fit's affine they give register_subject's result."""
+    from atlasmorph_cli.cli.build import _on_grid, _register
+    from atlasmorph_cli.inference.registration import register_subject
+    from atlasmorph_cli.inference.template import encode_attributes, make_template
+    from atlasmorph_cli.io.volumes import Volume, load_volume
+    from atlasmorph_cli.model.shipped import load
+
+    _, model = load(None, 1)
+    template = make_template(model, encode_attributes(model, None)[0])
+    row = ixi_rows[0]
+    subj = load_volume(data_dir / "ixi" / row["t1"])
+    mask = Volume((load_volume(data_dir / "ixi" / row["seg"]).data > 0).astype(np.float32), subj.affine)
+    first = register_subject(model, subj, None, mask, refine=3, template=template)
+    kept = _register(model, subj, None, mask, 3, template, first.world)
+    assert torch.equal(kept.velocity, first.velocity) and np.array_equal(kept.world, first.world)
+    # _on_grid on the template grid itself is Registration.subject_to_template
+    assert np.allclose(_on_grid(first, template.grid), first.subject_to_template(), atol=1e-5)

@@ -1,13 +1,15 @@
 """Group-wise template construction (`atlasmorph build`): the classical unbiased recipe around a registration.
 
 Each iteration registers every subject to the current template T, averages the subjects moved into
-T's space (A = mean_i S_i o phi_i^-1, and their label probabilities when they have any), then corrects
-the shape: phi_i = exp(v_i) maps the subject's frame into T, so the mean deformation exp(mean v) is the
-bias of T's shape relative to the group, and the new template is A o exp(mean v) (for a group of
-spheres around a larger template sphere, exp(mean v) scales the mean radius up to T's, so A o exp(mean v)
-has the mean radius). The labels follow the same maps: the subjects' own averaged label probabilities,
-else the template's labels carried along by exp(mean v). Affine alignment is to the current template
-and is not averaged: the template stays in the initial template's (MNI) space and size, and only the
+T's space (A = mean_i S_i o phi_i^-1), then corrects the shape: phi_i = exp(v_i) maps the subject's
+frame into T, so the mean deformation exp(mean v) is the bias of T's shape relative to the group, and
+the new template is A o exp(mean v) (for a group of spheres around a larger template sphere, exp(mean v)
+scales the mean radius up to T's, so A o exp(mean v) has the mean radius). The labels follow the same
+maps: in the last iteration the subjects' own label probabilities are averaged (the only ones the result
+keeps, so earlier iterations do not compute them), otherwise the template's labels are carried along by
+exp(mean v). Optionally the last iteration also averages the subjects on a finer grid (their own
+resolution), corrected the same way. The registration is expected to keep each subject's affine from
+the first iteration: the template stays in the initial template's (MNI) space and size, and only the
 nonlinear shape is made central. No sharpening: the measured sharpness is reported instead.
 
 The registration is a callable (`Register`), so the averaging and correction can be tested against
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from ..errors import AtlasMorphError
-from ..model.layers import warp
+from ..geometry.space import Grid, grid_coords, voxel_map
+from ..model.layers import sample_at, warp
 from ..model.networks import velocity_to_displacements
 from .template import Template
 
@@ -36,13 +39,15 @@ class Aligned:
 
     `image` (X,Y,Z) is the subject moved onto the template grid; `velocity` (3, X/2, Y/2, Z/2) is the
     half-resolution stationary velocity whose exponential pulls the template into the subject's frame
-    (networks.velocity_to_displacements' `fwd`); `probs` (C,X,Y,Z) the subject's own label probabilities
-    moved onto the template grid, when it has a segmentation.
+    (networks.velocity_to_displacements' `fwd`). Computed only when build_template asks (last iteration):
+    `probs()` the subject's own label probabilities (C,X,Y,Z) moved onto the template grid, when it has a
+    segmentation; `on_grid(grid)` the subject moved onto another grid of the template's world space.
     """
 
     image: np.ndarray
     velocity: torch.Tensor
-    probs: np.ndarray | None = None
+    probs: Callable[[], np.ndarray] | None = None
+    on_grid: Callable[[Grid], np.ndarray] | None = None
 
 
 Register = Callable[[int, Template], Aligned]  # (subject index, current template) -> Aligned
@@ -64,11 +69,14 @@ class Iteration:
 
 @dataclass
 class BuildResult:
-    """The built template, one record per iteration, and the subjects left out (index -> error)."""
+    """The built template, one record per iteration, the subjects left out (index -> error) and, when
+    asked for, the template T1 on the finer grid `fine_grid`."""
 
     template: Template
     iterations: list[Iteration]
     failed: dict[int, str] = field(default_factory=dict)
+    fine: np.ndarray | None = None
+    fine_grid: Grid | None = None
 
 
 def voxel_size_mm(affine: np.ndarray) -> float:
@@ -95,6 +103,28 @@ def sharpness(t1: np.ndarray, brain: np.ndarray, voxel_mm: float) -> float:
     return float(mag[brain].mean()) if brain.any() else float(mag.mean())
 
 
+def finer_grid(grid: Grid, voxel_mm: float) -> Grid:
+    """A grid of isotropic `voxel_mm` voxels over the field of view of `grid` (same world space and
+    orientation; voxel corners at the same outer boundary)."""
+    steps = np.sqrt((np.asarray(grid.affine)[:3, :3] ** 2).sum(0))
+    shape = tuple(max(1, int(round(n * st / voxel_mm))) for n, st in zip(grid.shape, steps))
+    scale = np.array([n / m for n, m in zip(grid.shape, shape)])  # model voxels per fine voxel
+    s = np.diag([*scale, 1.0])
+    s[:3, 3] = scale / 2 - 0.5
+    return Grid(shape, np.asarray(grid.affine) @ s)
+
+
+def correct_on_grid(image: np.ndarray, correction: torch.Tensor, grid: Grid, fine: Grid) -> np.ndarray:
+    """`image` (on `fine`) pulled through the shape correction `correction` (3,X,Y,Z, voxels of `grid`,
+    correct_shape's third result): the same map as correct_shape's, evaluated at the fine grid's points."""
+    p = grid_coords(voxel_map(grid.affine, fine.affine), fine.shape, torch.float64)
+    q = p + sample_at(correction[None].double(), p, padding_mode="border")
+    m = torch.as_tensor(voxel_map(fine.affine, grid.affine), dtype=torch.float64)
+    c = (torch.einsum("ab,nbxyz->naxyz", m[:3, :3], q) + m[:3, 3].view(1, 3, 1, 1, 1)).float()
+    src = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32))[None, None]
+    return sample_at(src, c, padding_mode="border")[0, 0].numpy()
+
+
 def correct_shape(mean_image: np.ndarray, probs: np.ndarray, mean_velocity: torch.Tensor,
                   int_steps: int) -> tuple[np.ndarray, np.ndarray, torch.Tensor]:
     """The unbiased update: the average and the label probabilities (both in the current template's space)
@@ -108,19 +138,23 @@ def correct_shape(mean_image: np.ndarray, probs: np.ndarray, mean_velocity: torc
 
 def build_template(n_subjects: int, register: Register, initial: Template, iterations: int = ITERATIONS, *,
                    int_steps: int = 7, on_subject: Callable[[int, int, str | None], None] | None = None,
-                   ) -> BuildResult:
+                   fine_grid: Grid | None = None) -> BuildResult:
     """Build a template of `n_subjects` subjects from `initial` in `iterations` rounds (module docstring).
 
     `register(i, template)` registers subject i; a subject whose registration raises is recorded in
     `failed` and left out of this and every later round. `on_subject(iteration, i, error)` is called
-    after each registration (progress). Raises AtlasMorphError when fewer than two subjects remain.
+    after each registration (progress). With `fine_grid`, the last round also averages the subjects on
+    it (Aligned.on_grid) and the result carries that template T1 too. Raises AtlasMorphError when fewer
+    than two subjects remain.
     """
     if iterations < 1:
         raise AtlasMorphError(f"--iterations must be at least 1, got {iterations}")
     voxel_mm = voxel_size_mm(initial.grid.affine)
     template, records, failed = initial, [], {}
+    sum_fine = None
     for it in range(iterations):
         start = time.perf_counter()
+        last = it == iterations - 1
         brain = template.probs[0] < 0.5
         sum_image = sum_vel = sum_probs = None
         done = with_probs = 0
@@ -131,12 +165,17 @@ def build_template(n_subjects: int, register: Register, initial: Template, itera
             error = None
             try:
                 a = register(i, template)
+                moved = displacement_norm_mm(a.velocity, brain, voxel_mm, int_steps)
+                fine = a.on_grid(fine_grid).astype(np.float64) if last and fine_grid is not None else None
+                probs = a.probs() if last and a.probs is not None else None
                 sum_image = a.image.astype(np.float64) if sum_image is None else sum_image + a.image
                 sum_vel = a.velocity.double() if sum_vel is None else sum_vel + a.velocity
-                if a.probs is not None:
-                    sum_probs = a.probs.astype(np.float64) if sum_probs is None else sum_probs + a.probs
-                    with_probs += 1
-                displacement += displacement_norm_mm(a.velocity, brain, voxel_mm, int_steps)
+                if probs is not None:
+                    sum_probs = probs.astype(np.float64) if sum_probs is None else sum_probs + probs
+                if fine is not None:
+                    sum_fine = fine if sum_fine is None else sum_fine + fine
+                with_probs += a.probs is not None
+                displacement += moved
                 done += 1
             except AtlasMorphError as exc:
                 error = str(exc)
@@ -152,11 +191,14 @@ def build_template(n_subjects: int, register: Register, initial: Template, itera
         if 0 < with_probs < done:
             raise AtlasMorphError(f"{with_probs} of {done} subjects have a segmentation: give one for every subject "
                                   "or for none")
-        labels = sum_probs / done if with_probs else template.probs
+        labels = sum_probs / done if sum_probs is not None else template.probs
         mean_vel = (sum_vel / done).float()
         t1, probs, corr = correct_shape(sum_image / done, labels, mean_vel, int_steps)
         correction = mean_length_mm(corr, brain, voxel_mm) if brain.any() else 0.0
         template = Template(t1, probs, initial.grid)
         records.append(Iteration(it + 1, done, displacement / done, correction,
                                  sharpness(t1, probs[0] < 0.5, voxel_mm), time.perf_counter() - start))
-    return BuildResult(template, records, failed)
+    fine = None
+    if fine_grid is not None:
+        fine = correct_on_grid(sum_fine / done, corr, initial.grid, fine_grid)
+    return BuildResult(template, records, failed, fine, fine_grid if fine is not None else None)

@@ -239,6 +239,7 @@ class BuildInputSpec(CommandLineInputSpec):
     labels_file = _on_request("--labels %s", "template_labels.nii.gz", "template label map (FreeSurfer ids)",
                               default=True)
     probs_file = _on_request("--probs %s", "template_probs.nii.gz", "4D label probabilities (background + 34)")
+    hires_file = _on_request("--hires %s", "template_hires.nii.gz", "template T1 at the inputs' resolution")
     report_file = _on_request("--report %s", "build_report.json", "report (JSON)", default=True)
     iterations = traits.Range(low=1, argstr="--iterations %d", desc="register-average-correct rounds (default 3)")
     initial = File(exists=True, argstr="--initial %s", requires=["initial_labels"], xor=["age", "sex"],
@@ -259,6 +260,7 @@ class BuildOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="built template T1")
     labels_file = File(exists=True, desc="template labels (FreeSurfer ids)")
     probs_file = File(exists=True, desc="4D label probabilities")
+    hires_file = File(exists=True, desc="template T1 at the inputs' resolution")
     report_file = File(exists=True, desc="report (JSON)")
 
 
