@@ -489,6 +489,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="base seed of the random perturbations (default 0)")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and ITK (default 2)")
     ap.add_argument("--refine", type=int, default=None, help="steps of the 'atlasmorph' method (default: the CLI's)")
+    ap.add_argument("--refine-loss", default="model", help="image term of that refinement: 'model' (default) or 'ncc'")
     ap.add_argument("--cached-only", action="store_true", help="run nothing new: report what --results holds")
     args = ap.parse_args(argv)
 
@@ -543,9 +544,10 @@ def main(argv: list[str] | None = None) -> int:
                 "input_sha256": [content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
         if m in OURS:
             conditional = r.get("age") is not None and r.get("sex") is not None
+            extra = {"refine_loss": args.refine_loss} if m == "atlasmorph" and args.refine_loss != "model" else {}
             return {**base, "kind": "ours", "method": m, "model": str(Path(model_path).resolve()),
                     "refine": refine if m == "atlasmorph" else 0, "refine_lr": REFINE_LR, "conditional": conditional,
-                    "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None}
+                    "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None, **extra}
         return {**base, "kind": "ants", "method": m, "transform": ANTS_TRANSFORMS[m],
                 "template": str(mni_t1), "template_labels": str(mni_labels)}
 
@@ -582,6 +584,7 @@ def main(argv: list[str] | None = None) -> int:
             "model_sha256": common.file_sha256(model_path), "split": split_source, "seed": args.seed,
             "subjects": [r["subject"] for r in val], "methods": methods, "perturbations": perts,
             "perturbation_params": {p: PERTURBATIONS[p] for p in perts}, "refine": refine, "refine_lr": REFINE_LR,
+            "refine_loss": args.refine_loss,
             "summary": summarise(results, methods, perts), "notes": notes,
             "results": results,
         }

@@ -86,6 +86,9 @@ def parser() -> argparse.ArgumentParser:
                     help="run the ANTs methods on the first N of those subjects only (10-20 min each on 2 cores)")
     ap.add_argument("--refine", type=int, default=None,
                     help="instance-optimisation steps of the AtlasMorph methods (default: what `atlasmorph segment` does)")
+    ap.add_argument("--refine-loss", default="model",
+                    help="image term of that refinement: 'model' (the trained one, the default) or 'ncc' "
+                         "(`atlasmorph segment --refine-loss`)")
     ap.add_argument("--cached-only", action="store_true",
                     help="run nothing new: report only the results the --results folder already holds")
     ap.add_argument("--results", type=Path, default=None,
@@ -155,9 +158,10 @@ def main(argv: list[str] | None = None) -> int:
         base = {"threads": args.threads, "scratch": str(scratch), "subject": r["subject"], "t1": r["t1"], "seg": r["seg"]}
         if m in OURS:
             model = args.baseline if m == "atlasmorph-baseline" else model_path
+            extra = {"refine_loss": args.refine_loss} if args.refine_loss != "model" else {}  # keeps older keys
             return {**base, "kind": "ours", "method": m, "model": str(Path(model).resolve()), "refine": args.refine,
                     "refine_lr": REFINE_LR, "conditional": m == "atlasmorph",
-                    "attrs": {"age": float(r["age"]), "sex": r["sex"]}}
+                    "attrs": {"age": float(r["age"]), "sex": r["sex"]}, **extra}
         tmpl = (mni_t1, mni_labels) if m == "ants-syncc-mni" else built
         return {**base, "kind": "ants", "method": m, "transform": args.ants_transform,
                 "template": str(tmpl[0]), "template_labels": str(tmpl[1])}
@@ -246,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         "cached_only": args.cached_only,
         "refine": args.refine,
         "refine_lr": REFINE_LR,
+        "refine_loss": args.refine_loss,
         "ants_working_resolution_mm": ANTS_WORKING_MM,
         "template_build": template_build,
         "age_groups": [g for g, _, _ in AGE_GROUPS],
