@@ -25,6 +25,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import common  # noqa: E402
+from atlasmorph_cli.inference.build import sharpness  # noqa: E402
 from atlasmorph_cli.model.shipped import load  # noqa: E402
 from template_figures import (  # noqa: E402
     STRUCTURE_GROUPS, parse_ages, sex_colour, sexes_of, subject_volumes, template_for, template_volumes, volume_panels,
@@ -48,12 +49,6 @@ def cohort_fit(subjects: list[dict]) -> dict:
     return out
 
 
-def sharpness(t1: np.ndarray, brain: np.ndarray) -> float:
-    """Mean gradient magnitude (per voxel, [0, 1] intensity units) of a template T1 inside its brain."""
-    g = np.gradient(t1.astype(np.float64))
-    return float(np.sqrt(sum(c**2 for c in g))[brain].mean())
-
-
 def model_record(model, curve_ages: list[float]) -> dict:
     """Curves, 75/25 ratios and sharpness of one model's templates, per sex."""
     rec: dict = {"name": model.config.name, "attributes": model.config.encoder.names, "sexes": {}}
@@ -62,15 +57,17 @@ def model_record(model, curve_ages: list[float]) -> dict:
         for a in curve_ages:
             soft, _ = template_volumes(template_for(model, a, sex))
             curve.append({"age": float(a), **soft})
-        young, _ = template_volumes(template_for(model, YOUNG, sex))
-        old, _ = template_volumes(template_for(model, OLD, sex))
+        young, young_hard = template_volumes(template_for(model, YOUNG, sex))
+        old, old_hard = template_volumes(template_for(model, OLD, sex))
         sharp = {}
         for a in (YOUNG, 50.0, OLD):
             t = template_for(model, a, sex)
-            sharp[f"{a:g}"] = sharpness(t.t1, t.probs[0] < 0.5)
+            sharp[f"{a:g}"] = sharpness(t.t1, t.probs[0] < 0.5, 1.0)  # per model voxel, as reported since v1
         rec["sexes"][sex or "all"] = {
             "curve": curve, "at_25": young, "at_75": old,
             "ratio_75_25": {k: old[k] / young[k] for k in young}, "sharpness": sharp,
+            # the same from the argmax label maps: a template cannot meet the targets by blurring its probabilities
+            "ratio_75_25_argmax": {k: old_hard[k] / young_hard[k] for k in young_hard},
         }
     return rec
 
@@ -110,6 +107,12 @@ def markdown(records: list[dict], cohort: dict, command: str) -> str:
             lines.append(f"| {rec['name']} | {sex} | "
                          + " | ".join(f"{r['ratio_75_25'][n]:.2f}" for n in names)
                          + f" | {s['25']:.4f} / {s['50']:.4f} / {s['75']:.4f} |")
+    lines += ["", "The same ratios from the templates' argmax label maps:", "",
+              "| model | sex | " + " | ".join(f"{n} 75/25" for n in names) + " |", "|---|---|" + "---|" * len(names)]
+    for rec in records:
+        for sex, r in rec["sexes"].items():
+            lines.append(f"| {rec['name']} | {sex} | "
+                         + " | ".join(f"{r['ratio_75_25_argmax'][n]:.2f}" for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
