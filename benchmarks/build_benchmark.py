@@ -1,18 +1,20 @@
-"""`atlasmorph build` on IXI training subjects: time, centrality, sharpness, and Dice of validation subjects
-segmented through the built template against the conditional templates (issue 21).
+"""`atlasmorph build` on IXI training subjects, timed (issue 21): the AtlasMorph arm of the build comparison.
 
-    python benchmarks/build_benchmark.py --n-train 10 --n-val 10 --iterations 3 --out benchmarks/results/build
+    python benchmarks/build_benchmark.py --n-train 10 --iterations 3 --work runs/build     # -> runs/build/ours-10-it3/
 
-Every template is used the same way (AtlasMorph network + refinement, only the template differs):
-``cond-subject`` is the default of `segment` (each subject's own age/sex), ``cond-group`` the conditional
-template of the group's mean attributes (where build starts), ``built`` the template build wrote.
-The validation brains are brain-extracted with their own DLMUSE map (seg > 0), as the other benchmarks do.
-The ANTs builds of the issue (ants.build_template, SyN-CC) are not run by this script.
+The group is the first --n-train training subjects of the shipped model's split (by id, with age, sex
+and seg), the same as benchmarks/build_ants.py takes. Both get the same brains: each subject's T1 with
+its DLMUSE seg > 0 as the brain mask (mask files written into the work folder; no deepbet), and the
+subjects' segmentations are averaged into the template's labels. A finished build (its report) is not
+run again. Timing: the whole command (`seconds`: model load, reading and masking the subjects, every
+iteration, writing) and per iteration (registrations + averaging, what build_ants.py times for ANTs).
+Segmentation through the templates, centrality and sharpness: benchmarks/build_compare.py.
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,90 +24,66 @@ import numpy as np
 import common
 
 
-def dice34(pred_fs: np.ndarray, seg_muse: np.ndarray) -> float:
-    """Mean Dice over the 34 structures present in the reference."""
-    from atlasmorph_cli.labels import N_CLASSES, to_index
-
-    a, b = to_index(pred_fs, "freesurfer"), to_index(seg_muse)
-    return float(np.mean([2 * np.sum((a == c) & (b == c)) / (np.sum(a == c) + np.sum(b == c))
-                          for c in range(1, N_CLASSES) if np.any(b == c)]))
-
-
-def segment_through(model, template, row: dict, refine: int) -> float:
-    """Dice of one validation subject segmented through `template` (None: its own conditional template)."""
+def write_cohort(rows: list[dict], folder: Path) -> Path:
+    """A cohort CSV of the rows with their seg > 0 brain masks (written once) as the mask column."""
     import nibabel as nib
 
-    from atlasmorph_cli.inference.registration import register_subject
-    from atlasmorph_cli.inference.template import encode_attributes
-    from atlasmorph_cli.io.volumes import Volume
+    from atlasmorph_cli.io.volumes import save_volume
 
-    img = nib.load(row["t1"])
-    seg = np.asarray(nib.load(row["seg"]).dataobj)
-    data = np.asarray(img.dataobj, dtype=np.float32) * (seg > 0)
-    subj = Volume(data, img.affine, img.header)
-    vec = None if template is not None else encode_attributes(model, {"age": row["age"], "sex": row["sex"]})[0]
-    reg = register_subject(model, subj, vec, None, refine=refine, template=template)
-    return dice34(reg.labels_to_native()[0], seg)
+    masks = folder / "masks"
+    masks.mkdir(parents=True, exist_ok=True)
+    cohort = folder / "cohort.csv"
+    with open(cohort, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["subject", "t1", "mask", "seg", "age", "sex"])
+        for r in rows:
+            m = masks / f"{r['subject']}_mask.nii.gz"
+            if not m.is_file():
+                seg = nib.load(r["seg"])
+                save_volume((np.asarray(seg.dataobj) > 0).astype(np.uint8), seg.affine, m, dtype=np.uint8)
+            w.writerow([r["subject"], r["t1"], m, r["seg"], r["age"], r["sex"]])
+    return cohort
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     common.add_data_option(ap)
     ap.add_argument("--n-train", type=int, default=10, help="training subjects to build from")
-    ap.add_argument("--n-val", type=int, default=10, help="validation subjects to segment")
     ap.add_argument("--iterations", type=int, default=3)
     ap.add_argument("--refine", type=int, default=10)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--out", type=Path, default=common.ROOT / "benchmarks" / "results" / "build")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (ANTs runs on 1 ITK thread)")
+    ap.add_argument("--hires", action="store_true", help="also write the template at the inputs' resolution")
+    ap.add_argument("--work", type=Path, default=common.ROOT / "runs" / "build")
     args = ap.parse_args(argv)
-    from atlasmorph_cli.cli.build import BuildRequest, _group_vector, run_build
-    from atlasmorph_cli.cli.batch import read_batch_input
-    from atlasmorph_cli.inference.build import sharpness
-    from atlasmorph_cli.inference.template import load_template, make_template
-    from atlasmorph_cli.model.shipped import load
+    from atlasmorph_cli.cli.build import BuildRequest, run_build
 
     data = common.data_folder(args.data)
     split = common.json.loads(common.SHIPPED_SPLIT.read_text())
-    rows = common.ixi_rows(data)
-    train = common.pick_subjects(rows, split["train"], args.n_train)
-    val = common.pick_subjects(rows, split["validation"], args.n_val)
-    args.out.mkdir(parents=True, exist_ok=True)
-    cohort = args.out / f"train{len(train)}.csv"
-    with open(cohort, "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["subject", "t1", "seg", "age", "sex"])
-        for r in train:
-            w.writerow([r["subject"], r["t1"], r["seg"], r["age"], r["sex"]])
-    tpl, lab = args.out / "template.nii.gz", args.out / "template_labels.nii.gz"
+    rows = common.pick_subjects(common.ixi_rows(data), split["train"], args.n_train)
+    out = args.work / f"ours-{len(rows)}-it{args.iterations}"
+    if (out / "build_benchmark.json").is_file():
+        print(f"{out}: done already", file=sys.stderr)
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    cohort = write_cohort(rows, out)
     t0 = time.perf_counter()
-    report = run_build(BuildRequest(cohort, tpl, labels=lab, iterations=args.iterations, report=args.out / "report.json",
-                                    refine=args.refine, threads=args.threads, quiet=True),
+    report = run_build(BuildRequest(cohort, out / "template.nii.gz", labels=out / "template_labels.nii.gz",
+                                    probs=out / "template_probs.nii.gz", iterations=args.iterations,
+                                    report=out / "report.json", refine=args.refine, threads=args.threads, quiet=True,
+                                    hires=out / "template_hires.nii.gz" if args.hires else None),
                        lambda m: [print("warning:", x, file=sys.stderr) for x in m])
-    build_s = time.perf_counter() - t0
-
-    _, model = load(None, args.threads)
-    built, _ = load_template(tpl, lab, model.config.model_grid)
-    group = make_template(model, _group_vector(model, read_batch_input(cohort), None, lambda m: None)[0])
-    vox = 2.0
-    templates = {"cond-subject": None, "cond-group": group, "built": built}
-    dice = {k: [] for k in templates}
-    for r in val:
-        for name, t in templates.items():
-            dice[name].append(segment_through(model, t, r, args.refine))
-        print(r["subject"], {k: round(v[-1], 4) for k, v in dice.items()}, file=sys.stderr)
+    wall = time.perf_counter() - t0
+    per_it = [it["seconds"] for it in report["iterations"]]
     result = {
-        "build": {"subjects": len(train), "iterations": args.iterations, "refine": args.refine,
-                  "seconds": build_s, "report": report},
-        "sharpness": {"cond-group": sharpness(group.t1, group.probs[0] < 0.5, vox),
-                      "built": sharpness(built.t1, built.probs[0] < 0.5, vox)},
-        "dice_validation": {k: {"mean": float(np.mean(v)), "per_subject": v} for k, v in dice.items()},
-        "validation_subjects": [r["subject"] for r in val],
-        "machine": common.describe_machine(with_torch=True),
+        "subjects": [r["subject"] for r in rows], "iterations": args.iterations, "refine": args.refine,
+        "threads": args.threads, "seconds": wall, "iteration_seconds": per_it,
+        "build_seconds_per_iteration_count": list(np.cumsum(per_it)),
+        "report": report, "load_end": os.getloadavg()[0],
+        "machine": common.describe_machine(with_torch=True), "versions": common.versions(),
         "command": common.command_line("build_benchmark.py", argv),
     }
-    common.write_json(args.out / "build_benchmark.json", result)
-    print(common.json.dumps({k: result[k] for k in ("sharpness",)}, indent=1))
-    print({k: round(v["mean"], 4) for k, v in result["dice_validation"].items()}, f"build {build_s:.0f} s")
+    common.write_json(out / "build_benchmark.json", result)
+    print(f"{out.name}: {wall:.0f} s in all, iterations {', '.join(f'{s:.0f}' for s in per_it)} s")
 
 
 if __name__ == "__main__":
