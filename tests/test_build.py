@@ -281,5 +281,15 @@ def test_registration_with_a_kept_affine_is_register_subjects(data_dir, ixi_rows
     first = register_subject(model, subj, None, mask, refine=3, template=template)
     kept = _register(model, subj, None, mask, 3, template, first.world)
     assert torch.equal(kept.velocity, first.velocity) and np.array_equal(kept.world, first.world)
-    # _on_grid on the template grid itself is Registration.subject_to_template
-    assert np.allclose(_on_grid(first, template.grid), first.subject_to_template(), atol=1e-5)
+    # _on_grid on the template grid itself is Registration.subject_to_template; on a 3x finer box of it,
+    # every third point is a template voxel and gets the same value
+    moved = first.subject_to_template()
+    assert np.allclose(_on_grid(first, template.grid), moved, atol=1e-5)
+    box = Grid((30, 30, 30), template.grid.affine @ np.diag([1 / 3, 1 / 3, 1 / 3, 1.0]) @ _shift(60.0))
+    assert np.allclose(_on_grid(first, box)[::3, ::3, ::3], moved[20:30, 20:30, 20:30], atol=1e-4)
+
+
+def _shift(v: float) -> np.ndarray:
+    m = np.eye(4)
+    m[:3, 3] = v
+    return m
