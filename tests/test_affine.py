@@ -272,3 +272,29 @@ def test_find_data_dir_none_without_sibling(monkeypatch, tmp_path):
     assert datadir.find_data_dir() is None
     (tmp_path / "shared" / "data").mkdir(parents=True)
     assert datadir.find_data_dir() == tmp_path / "shared" / "data"
+
+
+def test_smoothing_is_a_zero_padded_gaussian_convolution():
+    """affine._smooth (shifted-slice sums, for speed) gives the numbers of a separable conv1d over the rows of each
+    axis, per-axis sigmas included (the form it replaced); sigma < 0.2 voxels leaves the axis as it is."""
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from atlasmorph_cli.geometry.affine import _smooth
+
+    vol = torch.rand(1, 1, 13, 11, 9, generator=torch.Generator().manual_seed(2))
+    sigmas = (2.0, 0.7, 0.1)
+    ref = vol[0, 0]
+    for axis, s in enumerate(sigmas):
+        if s < 0.2:
+            continue
+        r = max(1, math.ceil(3 * s))
+        k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / s) ** 2)
+        moved = ref.movedim(axis, -1)
+        out = F.conv1d(moved.reshape(-1, 1, moved.shape[-1]), (k / k.sum()).view(1, 1, -1), padding=r)
+        ref = out.reshape(moved.shape).movedim(-1, axis)
+    got = _smooth(vol, sigmas)
+    assert got.shape == vol.shape
+    assert torch.allclose(got[0, 0], ref, atol=1e-6)

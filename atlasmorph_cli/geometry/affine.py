@@ -63,11 +63,13 @@ class Level:
     radius: int = 2
 
 
+# MI at 8 mm finds the pose; local NCC at 4 mm and then 2 mm refines it. A level of MI at 4 mm (40 iterations)
+# between them and 10 iterations at 2 mm instead of 5 cost 1 CPU s more (2.2 vs 1.2 s) for the same accuracy:
+# MNI-space Dice of 14 IXI subjects 0.6947 with them, 0.6952 without (docs/benchmarks.md, section 3).
 LEVELS: tuple[Level, ...] = (
     Level("mi", 8.0, 4.0, 80, 1.0),
-    Level("mi", 4.0, 2.0, 40, 0.4),
     Level("lncc", 4.0, 2.0, 40, 0.3, radius=2),
-    Level("lncc", 2.0, 0.0, 10, 0.1, radius=3),
+    Level("lncc", 2.0, 0.0, 5, 0.1, radius=3),
 )
 CANDIDATE_ITERATIONS = 30
 
