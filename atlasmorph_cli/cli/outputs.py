@@ -15,7 +15,6 @@ from ..errors import AtlasMorphError
 from ..inference.brain_extraction import Brain
 from ..inference.quality import Quality
 from ..io.volumes import Volume, check_output_dir, save_volume, suffix_of
-from ..geometry.transforms import WARP_FORMATS, write_transform
 
 Writer = Callable[[], object]
 MNI_XFORM = 4  # NIfTI xform code "MNI152" for outputs on the model grid
@@ -38,6 +37,8 @@ def save_template(t, output: Path, labels: Path | None = None, probs: Path | Non
 
 def check_warp_format(warp_format: str) -> None:
     """--warp-format names one of the displacement formats."""
+    from ..geometry.transforms import WARP_FORMATS  # here: it imports scipy, which template and segment do not need
+
     if warp_format not in WARP_FORMATS:
         raise AtlasMorphError(f"--warp-format must be one of {', '.join(WARP_FORMATS)}, got '{warp_format}'")
 
@@ -56,6 +57,10 @@ def check_outputs(paths: list[Path | None]) -> list[Path]:
 
 def register_writes(reg, warp_format: str, paths: dict[str, Path]) -> list[Writer]:
     """Writers of the requested register outputs (REGISTER_FLAGS names) of a Registration."""
+    if not any(paths.get(n) for n in REGISTER_FLAGS):
+        return []
+    from ..geometry.transforms import write_transform  # here: it imports scipy, which segment does not need
+
     subj = reg.subject
     g = reg.grid
     makers: dict[str, Writer] = {

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -25,7 +26,9 @@ from ..errors import AtlasMorphError
 from .refine import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS, refine_velocity
 from .template import Template, make_template
 from ..geometry.space import Grid, grid_coords, resample, voxel_map
-from ..geometry.transforms import AffineTransform, DisplacementField
+
+if TYPE_CHECKING:  # imported where used: geometry.transforms imports scipy (0.2-0.3 s), which segment does not need
+    from ..geometry.transforms import AffineTransform, DisplacementField
 
 CHUNK_VOXELS = 1 << 20  # native outputs are computed in slabs of about a million voxels
 
@@ -111,6 +114,8 @@ class Registration:
     def subject_to_template_transform(self) -> DisplacementField:
         """The -t warp, which pulls the subject onto the template: on the template grid (RAS mm),
         template point -> subject point."""
+        from ..geometry.transforms import DisplacementField
+
         c = self.template_to_native_coords()[0].double()
         aff = torch.as_tensor(self.subject.affine, dtype=torch.float64)
         world_subj = torch.einsum("ab,bxyz->axyz", aff[:3, :3], c) + aff[:3, 3].view(3, 1, 1, 1)
@@ -120,6 +125,8 @@ class Registration:
     def template_to_subject_transform(self) -> DisplacementField:
         """The -T warp, which pulls the template onto the subject: on the subject grid (RAS mm),
         subject point -> template point."""
+        from ..geometry.transforms import DisplacementField
+
         shape, aff = self.subject.shape, self.subject.affine
         out = np.zeros((*shape, 3), dtype=np.float32)  # computed in float64 slab by slab, stored as written
         g = torch.as_tensor(self.grid.affine, dtype=torch.float64)
@@ -132,6 +139,8 @@ class Registration:
 
     def affine_transform(self) -> AffineTransform:
         """The affine part (--affine): template-grid world point -> subject world point."""
+        from ..geometry.transforms import AffineTransform
+
         return AffineTransform(self.world, self.grid, self.subject_grid)
 
     def log_jacobian(self) -> np.ndarray:
