@@ -7,7 +7,9 @@ and seg), the same as benchmarks/build_ants.py takes. Both get the same brains: 
 its DLMUSE seg > 0 as the brain mask (mask files written into the work folder; no deepbet), and the
 subjects' segmentations are averaged into the template's labels. A finished build (its report) is not
 run again. Timing: the whole command (`seconds`: model load, reading and masking the subjects, every
-iteration, writing) and per iteration (registrations + averaging, what build_ants.py times for ANTs).
+iteration, writing) and per iteration (registrations + averaging, what build_ants.py times for ANTs); `cpu_seconds` is the whole
+command's CPU time, which on one thread stays comparable when other jobs share the machine (build_ants.py
+records each registration's too).
 Segmentation through the templates, centrality and sharpness: benchmarks/build_compare.py.
 """
 from __future__ import annotations
@@ -66,24 +68,24 @@ def main(argv: list[str] | None = None) -> None:
         return
     out.mkdir(parents=True, exist_ok=True)
     cohort = write_cohort(rows, out)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     report = run_build(BuildRequest(cohort, out / "template.nii.gz", labels=out / "template_labels.nii.gz",
                                     probs=out / "template_probs.nii.gz", iterations=args.iterations,
                                     report=out / "report.json", refine=args.refine, threads=args.threads, quiet=True,
                                     hires=out / "template_hires.nii.gz" if args.hires else None),
                        lambda m: [print("warning:", x, file=sys.stderr) for x in m])
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     per_it = [it["seconds"] for it in report["iterations"]]
     result = {
         "subjects": [r["subject"] for r in rows], "iterations": args.iterations, "refine": args.refine,
-        "threads": args.threads, "seconds": wall, "iteration_seconds": per_it,
+        "threads": args.threads, "seconds": wall, "cpu_seconds": cpu, "iteration_seconds": per_it,
         "build_seconds_per_iteration_count": list(np.cumsum(per_it)),
         "report": report, "load_end": os.getloadavg()[0],
         "machine": common.describe_machine(with_torch=True), "versions": common.versions(),
         "command": common.command_line("build_benchmark.py", argv),
     }
     common.write_json(out / "build_benchmark.json", result)
-    print(f"{out.name}: {wall:.0f} s in all, iterations {', '.join(f'{s:.0f}' for s in per_it)} s")
+    print(f"{out.name}: {wall:.0f} s in all ({cpu:.0f} s CPU), iterations {', '.join(f'{s:.0f}' for s in per_it)} s")
 
 
 if __name__ == "__main__":
