@@ -182,6 +182,7 @@ def build(ants, brains: list[Path], init: Path, work: Path, preset: dict, max_re
         reg_s = sum(r["seconds"] for r in regs)
         iterations.append({"index": i, "registration_seconds": [r["seconds"] for r in regs],
                            "update_seconds": upd["seconds"], "seconds": reg_s + upd["seconds"],
+                           "cpu_seconds": sum(r["cpu_seconds"] for r in regs) + upd["cpu_seconds"],
                            "mean_warp_mm": upd["mean_warp_mm"], "load_end": [r["load_end"] for r in regs]})
     return {"finished": True, "iterations": iterations, "partial": []}
 
@@ -305,6 +306,7 @@ def main(argv: list[str] | None = None) -> None:
                "command": common.command_line("build_ants.py", argv)}
     if result["finished"]:
         summary["build_seconds"] = sum(it["seconds"] for it in result["iterations"])
+        summary["build_cpu_seconds"] = sum(it["cpu_seconds"] for it in result["iterations"])
         summary["build_seconds_per_iteration_count"] = list(np.cumsum([it["seconds"] for it in result["iterations"]]))
         wanted = ([preset["iterations"]] if args.label_iterations == "last"
                   else [int(x) for x in args.label_iterations.split(",")])
