@@ -5,8 +5,8 @@ import math
 
 import torch
 
-from atlasmorph_cli.model.losses import log_volume_loss
-from atlasmorph_cli.training.volume_prior import expected_log_volumes, structure_volumes
+from atlasmorph_cli.model.losses import log_volumes, volume_trend_loss
+from atlasmorph_cli.training.volume_prior import fit_log_volumes, log_volumes_at, structure_volumes, volume_trends
 
 
 def _labels_with_class1_volume(volumes: list[int], shape=(16, 16, 16)) -> torch.Tensor:
@@ -22,39 +22,40 @@ def test_structure_volumes_count_voxels():
     assert vols.tolist() == [[4091.0, 5.0, 0.0], [3996.0, 100.0, 0.0]]
 
 
-def test_expected_volumes_follow_an_exponential_trend_in_age():
+def test_the_regression_recovers_a_quadratic_trend_in_age():
     """log(1 + volume) exactly quadratic in the attribute: the regression returns it (ridge is tiny)."""
     ages = torch.linspace(-1, 1, 9)[:, None]
     true_log = 6.0 + 0.8 * ages[:, 0] - 0.3 * ages[:, 0] ** 2
     vols = [round(math.exp(t) - 1) for t in true_log.tolist()]
-    fit = expected_log_volumes(_labels_with_class1_volume(vols), ages, 2)
-    assert torch.allclose(fit[:, 1], torch.log1p(torch.tensor(vols, dtype=torch.float32)), atol=0.015)  # the ridge (1e-3) shrinks slightly
+    coef = fit_log_volumes(_labels_with_class1_volume(vols), ages, 2)
+    fit = log_volumes_at(coef, ages)
+    assert torch.allclose(fit[:, 1], torch.log1p(torch.tensor(vols, dtype=torch.float32)), atol=0.015)  # ridge 1e-3
+    trend = volume_trends(_labels_with_class1_volume(vols), ages, torch.zeros(1, 1), 2)
+    assert torch.allclose(trend[:, 1], fit[:, 1] - fit[4, 1], atol=1e-5)  # age 0 (index 4) is the average here
 
 
-def test_expected_volumes_without_attributes_are_the_mean_log_volume():
-    vols = [10, 40, 160]
-    fit = expected_log_volumes(_labels_with_class1_volume(vols), torch.zeros(3, 0), 2)
-    mean = torch.log1p(torch.tensor(vols, dtype=torch.float64)).mean()
-    assert torch.allclose(fit[:, 1].double(), mean.expand(3), atol=0.01)
-
-
-def test_log_volume_loss_is_zero_at_the_target_and_pulls_toward_it():
-    probs = torch.zeros(1, 2, 4, 4, 4)
-    probs[:, 1, :2] = 1.0  # 32 voxels of class 1
-    probs[:, 0] = 1 - probs[:, 1]
-    at = torch.log1p(torch.tensor([[0.0, 32.0 * 8]]))  # voxels of volume 8 each; background is not scored
-    assert float(log_volume_loss(probs, at, 8.0)) < 1e-10
-    logits = torch.zeros(1, 2, 4, 4, 4, requires_grad=True)
-    loss = log_volume_loss(torch.softmax(logits, 1), torch.log1p(torch.tensor([[0.0, 64.0 * 8]])), 8.0)
-    loss.backward()  # 50 % everywhere = 32 voxels, target 64: class 1's logits must rise
-    assert float(logits.grad[:, 1].max()) < 0
+def test_without_attributes_there_is_no_trend():
+    trend = volume_trends(_labels_with_class1_volume([10, 40, 160]), torch.zeros(3, 0), torch.zeros(1, 0), 2)
+    assert torch.equal(trend[:, 1], torch.zeros(3))
 
 
 def test_a_class_no_subject_has_is_not_scored():
-    fit = expected_log_volumes(_labels_with_class1_volume([10, 40]), torch.zeros(2, 0), 3)
-    assert torch.isnan(fit[:, 2]).all() and torch.isfinite(fit[:, :2]).all()
-    probs = torch.full((2, 3, 4, 4, 4), 1 / 3)
-    target = fit.clone()
-    target[:, 1] = torch.log1p(probs[:, 1].sum((1, 2, 3)))
-    assert float(log_volume_loss(probs, target)) < 1e-10  # class 2's mass is left alone
+    trend = volume_trends(_labels_with_class1_volume([10, 40]), torch.tensor([[0.0], [1.0]]), torch.zeros(1, 1), 3)
+    assert torch.isnan(trend[:, 2]).all() and torch.isfinite(trend[:, :2]).all()
+    logv = log_volumes(torch.rand(2, 3, 4, 4, 4))
+    ref = logv.clone()
+    ref[:, 1] -= trend[:, 1]  # the change from the reference is exactly the trend for class 1
+    ref[:, 2] += 5.0  # class 2 is far off, but not scored
+    assert float(volume_trend_loss(logv, ref, trend)) < 1e-10
+    assert float(volume_trend_loss(logv, ref, torch.full_like(trend, float("nan")))) == 0.0  # nothing scored
 
+
+def test_the_trend_loss_pulls_the_template_toward_the_trend():
+    """50 % class 1 everywhere = 32 voxels; the reference has 32 too; the trend asks for log 2 more."""
+    logits = torch.zeros(1, 2, 4, 4, 4, requires_grad=True)
+    reference = log_volumes(torch.softmax(torch.zeros(1, 2, 4, 4, 4), 1))
+    trend = torch.tensor([[0.0, math.log(65 / 33)]])
+    loss = volume_trend_loss(log_volumes(torch.softmax(logits, 1)), reference, trend)
+    assert abs(float(loss) - math.log(65 / 33) ** 2) < 1e-6
+    loss.backward()
+    assert float(logits.grad[:, 1].max()) < 0  # class 1's logits must rise

@@ -81,14 +81,21 @@ def _present_dice_loss(inter: torch.Tensor, mass: torch.Tensor, count: torch.Ten
     return 1.0 - dice[present].mean()
 
 
-def log_volume_loss(probs: torch.Tensor, log_target: torch.Tensor, voxel_volume: float = 1.0) -> torch.Tensor:
-    """Mean squared difference between log(1 + volume) of each structure of probs (B, C, X, Y, Z; channel 0,
-    background, left out) and log_target (B, C; NaN = not scored): volumes are sums of probabilities x
-    voxel_volume."""
-    vol = probs[:, 1:].sum(tuple(range(2, probs.dim()))) * voxel_volume
-    target = log_target[:, 1:]
+def log_volumes(probs: torch.Tensor, voxel_volume: float = 1.0) -> torch.Tensor:
+    """log(1 + volume) of each class of probs (B, C, X, Y, Z): sums of probabilities x voxel_volume."""
+    return torch.log1p(probs.sum(tuple(range(2, probs.dim()))) * voxel_volume)
+
+
+def volume_trend_loss(log_vol: torch.Tensor, log_vol_reference: torch.Tensor, trend: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference between a template's log-volume change from a reference template
+    (log_vol - log_vol_reference, (B, C)) and the expected change `trend` (B, C; NaN = not scored);
+    channel 0 (background) is left out."""
+    target = trend[:, 1:]
     scored = torch.isfinite(target)
-    return ((torch.log1p(vol) - target.nan_to_num()) ** 2)[scored].mean()
+    change = log_vol[:, 1:] - log_vol_reference[:, 1:]
+    if not bool(scored.any()):
+        return change.sum() * 0.0
+    return ((change - target.nan_to_num()) ** 2)[scored].mean()
 
 
 def gradient_l2(field: torch.Tensor) -> torch.Tensor:

@@ -35,7 +35,7 @@ from .checkpoints import load_checkpoint, save_checkpoint
 from .cohort import Subject, cache_file, check_attribute_values, load_prepared, prepare_cohort, read_cohort
 from .split import apply_split, read_split, split_subjects, usable_subjects
 from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_template_shape, validate
-from .volume_prior import expected_log_volumes
+from .volume_prior import volume_trends
 
 
 @dataclass
@@ -176,15 +176,16 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
     model.train()
 
-    volume_target = None
+    trend, average = None, None
     if s.weights.volume:
         if not bool(has_lab.any()):
             raise AtlasMorphError("--w-volume needs label maps (seg) for the training subjects")
-        n_classes = model.template_net.n_classes
-        volume_target = torch.zeros(len(train_subj), n_classes)
-        volume_target[has_lab] = expected_log_volumes(tr_lab[has_lab], tr_attr[has_lab], n_classes)
-        volume_target = volume_target.to(device)
-    step_module = TrainingStep(model, s, volume_target)
+        average = torch.from_numpy(encoder.encode_average()).float().reshape(1, encoder.width)
+        trend = volume_trends(tr_lab[has_lab], tr_attr[has_lab], average, model.template_net.n_classes)
+        full = torch.full((len(train_subj), trend.shape[1]), float("nan"))
+        full[has_lab] = trend  # an unlabelled subject's row stays NaN: not scored
+        trend, average = full.to(device), average.to(device)
+    step_module = TrainingStep(model, s, trend, average)
     aug_settings = AugmentSettings(fraction=s.augment_fraction)
     runner = (torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
               if world > 1 else step_module)

@@ -78,12 +78,13 @@ def refit_template_shape(model: AtlasMorph, memory: dict) -> None:
 class TrainingStep(torch.nn.Module):
     """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
 
-    def __init__(self, model: AtlasMorph, settings, volume_target: torch.Tensor | None = None):
-        """volume_target: each training subject's expected log(1 + volume) per class (training.volume_prior),
-        needed when the volume term is on."""
+    def __init__(self, model: AtlasMorph, settings, volume_trend: torch.Tensor | None = None,
+                 average_attrs: torch.Tensor | None = None):
+        """volume_trend: each training subject's expected log-volume change from the population average
+        (training.volume_prior), and average_attrs (1, A) that average; needed when the volume term is on."""
         super().__init__()
         self.model = model
-        self.volume_target = volume_target
+        self.volume_trend, self.average_attrs = volume_trend, average_attrs
         self.w = settings.weights
         self.image_loss = losses.get_image_loss(settings.image_loss)
         self.bandwidth = settings.bandwidth
@@ -105,9 +106,12 @@ class TrainingStep(torch.nn.Module):
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
             terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
-        if self.w.volume:  # the template's own volumes (half-resolution voxels are 8 model voxels)
-            terms["volume"] = losses.log_volume_loss(torch.softmax(logits_half, dim=1),
-                                                     self.volume_target[idx.to(self.volume_target.device)], 8.0)
+        if self.w.volume:  # the template's volume change from the average template follows the cohort's trend;
+            # both carry gradients, so what moves them equally (the base) cancels and the attributes' part learns
+            avg_logits = self.model.template_net.forward_train(self.average_attrs)["logits"]
+            trend = self.volume_trend[idx.to(self.volume_trend.device)]
+            terms["volume"] = losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits_half, dim=1)),
+                                                       losses.log_volumes(torch.softmax(avg_logits, dim=1)), trend)
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)

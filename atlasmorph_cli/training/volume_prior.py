@@ -1,10 +1,13 @@
-"""The training cohort's expected structure volumes as a function of the attributes (the volume prior).
+"""The training cohort's structure volumes as a function of the attributes (the volume prior).
 
 A template for attributes a should carry the anatomy typical of subjects with a, and its structure volumes
 (sums of label probabilities) are the part of that anatomy one can measure. The training subjects' volumes
 on the model grid (affinely normalised to MNI space, so head size is factored out) are regressed, as
-log(1 + voxels), on the quadratic basis of the attributes that the template's shape uses; the
-`volume` loss term pulls the template's volumes toward that regression at each subject's attributes.
+log(1 + voxels), on the quadratic basis of the attributes that the template's shape uses. The `volume`
+loss term asks the template for the cohort's *trend*: its log volumes at a minus those of the
+population-average template must equal the regression's difference between a and the average. The level
+itself is left to the segmentation term (a soft template's summed probabilities need not equal the
+subjects' hard-label volumes; pulling the level costs Dice, docs/conditioning.md).
 """
 from __future__ import annotations
 
@@ -18,13 +21,22 @@ def structure_volumes(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.stack([torch.bincount(lab.reshape(-1).long(), minlength=n_classes)[:n_classes] for lab in labels]).double()
 
 
-def expected_log_volumes(labels: torch.Tensor, attrs: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Each subject's expected log(1 + volume) per class (N, n_classes): the ridge regression of the
-    subjects' own log volumes on the basis of their (encoded) attributes, evaluated at those attributes.
-    NaN for a class no subject has (a cohort that labels only some structures): it is not scored."""
+def fit_log_volumes(labels: torch.Tensor, attrs: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """(K, n_classes) coefficients of the ridge regression of the subjects' log(1 + volume) on the basis of
+    their (encoded) attributes; NaN for a class no subject has (a cohort labelling only some structures)."""
     basis = quadratic_basis(attrs.double())
     vols = structure_volumes(labels, n_classes)
     coef = ridge_coefficients(basis.T @ basis, basis.T @ torch.log1p(vols))
-    fit = basis @ coef
-    fit[:, vols.sum(0) == 0] = float("nan")
-    return fit.float()
+    coef[:, vols.sum(0) == 0] = float("nan")
+    return coef
+
+
+def log_volumes_at(coef: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
+    """The regression's expected log(1 + volume) per class (B, n_classes) at encoded attributes (B, A)."""
+    return (quadratic_basis(attrs.double()) @ coef).float()
+
+
+def volume_trends(labels: torch.Tensor, attrs: torch.Tensor, average: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Each subject's expected log-volume change from the population average (N, n_classes; NaN: not scored)."""
+    coef = fit_log_volumes(labels, attrs, n_classes)
+    return log_volumes_at(coef, attrs) - log_volumes_at(coef, average.reshape(1, -1))
