@@ -1,7 +1,8 @@
 """Where the time of an `atlasmorph` command goes: seconds per pipeline stage, and end to end in new processes.
 
 `profile` (the default) times the real pipeline functions, not copies: each function of STAGES is wrapped
-with time.perf_counter wherever the package binds it, and the command runs through the real command line
+with time.perf_counter (`--clock cpu`: time.process_time, this process's CPU seconds, which with `--threads 1`
+do not depend on what else the machine runs) wherever the package binds it, and the command runs through the real command line
 (atlasmorph_cli.cli.app) in this process, as `atlasmorph` would. A stage's "self" seconds exclude the stages
 it calls (the refinement's own velocity integrations count under "velocity integration"; its "total"
 includes them); "other" is what no stage covers (argument parsing, checks, small steps). The imports are
