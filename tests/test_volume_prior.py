@@ -30,17 +30,17 @@ def test_the_regression_recovers_a_quadratic_trend_in_age():
     coef = fit_log_volumes(_labels_with_class1_volume(vols), ages, 2)
     fit = log_volumes_at(coef, ages)
     assert torch.allclose(fit[:, 1], torch.log1p(torch.tensor(vols, dtype=torch.float32)), atol=0.015)  # ridge 1e-3
-    trend = volume_trends(_labels_with_class1_volume(vols), ages, torch.zeros(1, 1), 2)
-    assert torch.allclose(trend[:, 1], fit[:, 1] - fit[4, 1], atol=1e-5)  # age 0 (index 4) is the average here
+    trend = volume_trends(_labels_with_class1_volume(vols), ages, torch.tensor([True]), 2)
+    assert torch.allclose(trend[:, 1], fit[:, 1] - fit[4, 1], atol=1e-5)  # age 0 (index 4) is the mean here
 
 
 def test_without_attributes_there_is_no_trend():
-    trend = volume_trends(_labels_with_class1_volume([10, 40, 160]), torch.zeros(3, 0), torch.zeros(1, 0), 2)
+    trend = volume_trends(_labels_with_class1_volume([10, 40, 160]), torch.zeros(3, 0), torch.zeros(0, dtype=torch.bool), 2)
     assert torch.equal(trend[:, 1], torch.zeros(3))
 
 
 def test_a_class_no_subject_has_is_not_scored():
-    trend = volume_trends(_labels_with_class1_volume([10, 40]), torch.tensor([[0.0], [1.0]]), torch.zeros(1, 1), 3)
+    trend = volume_trends(_labels_with_class1_volume([10, 40]), torch.tensor([[0.0], [1.0]]), torch.tensor([True]), 3)
     assert torch.isnan(trend[:, 2]).all() and torch.isfinite(trend[:, :2]).all()
     logv = log_volumes(torch.rand(2, 3, 4, 4, 4))
     ref = logv.clone()
@@ -48,6 +48,22 @@ def test_a_class_no_subject_has_is_not_scored():
     ref[:, 2] += 5.0  # class 2 is far off, but not scored
     assert float(volume_trend_loss(logv, ref, trend)) < 1e-10
     assert float(volume_trend_loss(logv, ref, torch.full_like(trend, float("nan")))) == 0.0  # nothing scored
+
+
+def test_categories_are_kept_in_the_reference():
+    """Age (numeric) and sex (one-hot): the reference keeps each subject's sex, so a pure sex difference in
+    volume is no trend (it is the level, left to the segmentation term), while an age effect is."""
+    from atlasmorph_cli.training.volume_prior import reference_attributes
+
+    ages = torch.tensor([-1.0, -0.5, 0.5, 1.0] * 2)
+    sex = torch.tensor([[1.0, 0.0]] * 4 + [[0.0, 1.0]] * 4)
+    attrs = torch.cat([ages[:, None], sex], 1)
+    numeric = torch.tensor([True, False, False])
+    assert torch.equal(reference_attributes(attrs, numeric), torch.cat([torch.zeros(8, 1), sex], 1))
+    k = math.log(3.0) / 2  # x3 from age -1 to 1 in both sexes; males 10x the females
+    vols = [round(v * math.exp(k * float(a))) - 1 for v, a in zip([100] * 4 + [1000] * 4, ages)]
+    trend = volume_trends(_labels_with_class1_volume(vols), attrs, numeric, 2)[:, 1]
+    assert torch.allclose(trend, k * ages, atol=0.03), trend
 
 
 def test_the_trend_loss_pulls_the_template_toward_the_trend():

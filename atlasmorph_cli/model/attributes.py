@@ -113,6 +113,10 @@ class AttributeEncoder:
                 parts.extend(1.0 if canonical_category(s.name, str(v)) == c else 0.0 for c in s.categories)
         return np.asarray(parts, dtype=np.float32)
 
+    def numeric_columns(self) -> np.ndarray:
+        """(width,) bool: which encoded columns hold numeric attributes (0 there is the training mean)."""
+        return np.asarray([s.kind == "numeric" for s in self.specs for _ in range(s.width)], dtype=bool)
+
     def encode_average(self) -> np.ndarray:
         """Vector for the population-average template: mean numeric values, equal mix of categories."""
         parts: list[float] = []

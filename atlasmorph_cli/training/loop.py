@@ -176,16 +176,16 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
     model.train()
 
-    trend, average = None, None
+    trend, numeric = None, None
     if s.weights.volume:
         if not bool(has_lab.any()):
             raise AtlasMorphError("--w-volume needs label maps (seg) for the training subjects")
-        average = torch.from_numpy(encoder.encode_average()).float().reshape(1, encoder.width)
-        trend = volume_trends(tr_lab[has_lab], tr_attr[has_lab], average, model.template_net.n_classes)
+        numeric = torch.from_numpy(encoder.numeric_columns())
+        trend = volume_trends(tr_lab[has_lab], tr_attr[has_lab], numeric, model.template_net.n_classes)
         full = torch.full((len(train_subj), trend.shape[1]), float("nan"))
         full[has_lab] = trend  # an unlabelled subject's row stays NaN: not scored
-        trend, average = full.to(device), average.to(device)
-    step_module = TrainingStep(model, s, trend, average)
+        trend, numeric = full.to(device), numeric.to(device)
+    step_module = TrainingStep(model, s, trend, numeric)
     aug_settings = AugmentSettings(fraction=s.augment_fraction)
     runner = (torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
               if world > 1 else step_module)

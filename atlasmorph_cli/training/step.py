@@ -15,6 +15,7 @@ from ..model import losses
 from ..model.layers import warp
 from ..model.model_file import AtlasMorph
 from .metrics import dice_per_structure
+from .volume_prior import reference_attributes
 
 
 def label_frequencies(labels: torch.Tensor, n: int = N_CLASSES) -> torch.Tensor:
@@ -79,12 +80,12 @@ class TrainingStep(torch.nn.Module):
     """The differentiable part of a step (wrapped by DDP when distributed): returns the loss terms."""
 
     def __init__(self, model: AtlasMorph, settings, volume_trend: torch.Tensor | None = None,
-                 average_attrs: torch.Tensor | None = None):
-        """volume_trend: each training subject's expected log-volume change from the population average
-        (training.volume_prior), and average_attrs (1, A) that average; needed when the volume term is on."""
+                 numeric: torch.Tensor | None = None):
+        """volume_trend: each training subject's expected log-volume change from its reference attributes, and
+        numeric (A,) bool, the encoded columns set to the mean there (training.volume_prior); for --w-volume."""
         super().__init__()
         self.model = model
-        self.volume_trend, self.average_attrs = volume_trend, average_attrs
+        self.volume_trend, self.numeric = volume_trend, numeric
         self.w = settings.weights
         self.image_loss = losses.get_image_loss(settings.image_loss)
         self.bandwidth = settings.bandwidth
@@ -106,12 +107,12 @@ class TrainingStep(torch.nn.Module):
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
             terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
-        if self.w.volume:  # the template's volume change from the average template follows the cohort's trend;
+        if self.w.volume:  # the template's volume change from its reference template follows the cohort's trend;
             # both carry gradients, so what moves them equally (the base) cancels and the attributes' part learns
-            avg_logits = self.model.template_net.forward_train(self.average_attrs)["logits"]
+            ref_logits = self.model.template_net.forward_train(reference_attributes(attrs, self.numeric))["logits"]
             trend = self.volume_trend[idx.to(self.volume_trend.device)]
             terms["volume"] = losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits_half, dim=1)),
-                                                       losses.log_volumes(torch.softmax(avg_logits, dim=1)), trend)
+                                                       losses.log_volumes(torch.softmax(ref_logits, dim=1)), trend)
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)

@@ -4,10 +4,12 @@ A template for attributes a should carry the anatomy typical of subjects with a,
 (sums of label probabilities) are the part of that anatomy one can measure. The training subjects' volumes
 on the model grid (affinely normalised to MNI space, so head size is factored out) are regressed, as
 log(1 + voxels), on the quadratic basis of the attributes that the template's shape uses. The `volume`
-loss term asks the template for the cohort's *trend*: its log volumes at a minus those of the
-population-average template must equal the regression's difference between a and the average. The level
-itself is left to the segmentation term (a soft template's summed probabilities need not equal the
-subjects' hard-label volumes; pulling the level costs Dice, docs/conditioning.md).
+loss term asks the template for the cohort's *trend*: its log volumes at a minus those of the template at
+a's reference (the same categories, numeric attributes at their training mean: a point inside the data,
+unlike a mix of categories, where a quadratic basis would extrapolate) must equal the regression's
+difference between the two. The level itself is left to the segmentation term (a soft template's summed
+probabilities need not equal the subjects' hard-label volumes; pulling the level costs Dice,
+docs/conditioning.md).
 """
 from __future__ import annotations
 
@@ -36,7 +38,12 @@ def log_volumes_at(coef: torch.Tensor, attrs: torch.Tensor) -> torch.Tensor:
     return (quadratic_basis(attrs.double()) @ coef).float()
 
 
-def volume_trends(labels: torch.Tensor, attrs: torch.Tensor, average: torch.Tensor, n_classes: int) -> torch.Tensor:
-    """Each subject's expected log-volume change from the population average (N, n_classes; NaN: not scored)."""
+def reference_attributes(attrs: torch.Tensor, numeric: torch.Tensor) -> torch.Tensor:
+    """Encoded attributes (B, A) with the numeric columns (`numeric`, (A,) bool) at the training mean (0)."""
+    return attrs * (~numeric).to(attrs.dtype)
+
+
+def volume_trends(labels: torch.Tensor, attrs: torch.Tensor, numeric: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Each subject's expected log-volume change from its reference attributes (N, n_classes; NaN: not scored)."""
     coef = fit_log_volumes(labels, attrs, n_classes)
-    return log_volumes_at(coef, attrs) - log_volumes_at(coef, average.reshape(1, -1))
+    return log_volumes_at(coef, attrs) - log_volumes_at(coef, reference_attributes(attrs, numeric))
