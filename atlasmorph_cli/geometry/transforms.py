@@ -20,7 +20,6 @@ from typing import Callable, ClassVar, Union
 
 import nibabel as nib
 import numpy as np
-from scipy.ndimage import map_coordinates
 
 from ..errors import AtlasMorphError
 from ..io.volumes import atomic_path, check_affine, save_volume
@@ -54,6 +53,8 @@ class DisplacementField:
 
         As in ITK: the edge value up to half a voxel beyond the outer centres, no displacement further out.
         """
+        from scipy.ndimage import map_coordinates  # here: importing scipy.ndimage costs `register` 0.2-0.3 s
+
         p = np.atleast_2d(np.asarray(points_ras, dtype=np.float64))
         ijk = (np.linalg.inv(self.reference.affine) @ np.c_[p, np.ones(len(p))].T)[:3]
         d = np.asarray(self.disp_ras_mm, dtype=np.float64)
