@@ -25,7 +25,7 @@ RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimis
                          "for this subject (about 0.1 s each; 0: the network's warp as is).")
 RefineLossOpt = typer.Option("model", "--refine-loss", help="Image term of the refinement: 'model' (the one the "
                              "model was trained with; MSE for the shipped model) or 'ncc' (local NCC: robust to "
-                             "another scanner's contrast; slower: about +13 s per subject on 2 cores; docs/ood.md).")
+                             "another scanner's contrast; about 1.5 s of CPU more per subject; docs/ood.md).")
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
 SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
 AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")
