@@ -266,8 +266,9 @@ def test_build_three_ixi_subjects_then_segment_with_it(tmp_path, data_dir, ixi_r
 
 
 def test_registration_with_a_kept_affine_is_register_subjects(data_dir, ixi_rows):
-    """build's later iterations skip the affine fit: with the first fit's affine they give register_subject's result."""
-    from atlasmorph_cli.cli.build import _on_grid, _register
+    """build's later iterations skip the affine fit: given the first fit's affine, register_subject gives the
+    same result as fitting it."""
+    from atlasmorph_cli.cli.build import _on_grid
     from atlasmorph_cli.inference.registration import register_subject
     from atlasmorph_cli.inference.template import encode_attributes, make_template
     from atlasmorph_cli.io.volumes import Volume, load_volume
@@ -279,7 +280,7 @@ def test_registration_with_a_kept_affine_is_register_subjects(data_dir, ixi_rows
     subj = load_volume(data_dir / "ixi" / row["t1"])
     mask = Volume((load_volume(data_dir / "ixi" / row["seg"]).data > 0).astype(np.float32), subj.affine)
     first = register_subject(model, subj, None, mask, refine=3, template=template)
-    kept = _register(model, subj, None, mask, 3, template, first.world)
+    kept = register_subject(model, subj, None, mask, refine=3, template=template, world=first.world)
     assert torch.equal(kept.velocity, first.velocity) and np.array_equal(kept.world, first.world)
     # _on_grid on the template grid itself is Registration.subject_to_template; on a 3x finer box of it,
     # every third point is a template voxel and gets the same value

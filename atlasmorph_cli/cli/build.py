@@ -203,33 +203,13 @@ class _Subjects:
 
     def register(self, i: int, model, vec, refine: int, template):
         """Subject i registered to `template`, with its affine fitted on the first call and kept after."""
+        from ..inference.registration import register_subject
+
         _, subj, brain, _ = self.items[i]
-        reg = _register(model, subj, vec, brain.as_volume(subj), refine, template, self.worlds.get(i))
+        reg = register_subject(model, subj, vec, brain.as_volume(subj), refine=refine, template=template,
+                               world=self.worlds.get(i))
         self.worlds[i] = reg.world
         return reg
-
-
-def _register(model, subj, vec, mask, refine: int, template, world=None):
-    """inference.registration.register_subject to `template`, or with the affine `world` given (template
-    grid world -> subject world) its remaining steps: resample, network, refinement, integration."""
-    import torch
-
-    from ..geometry.space import resample
-    from ..inference.refine import REFINE_LR, refine_velocity
-    from ..inference.registration import Registration, refine_weights, register_subject, subject_brain
-    from ..model.networks import velocity_to_displacements
-
-    if world is None:
-        return register_subject(model, subj, vec, mask, refine=refine, template=template)
-    with torch.no_grad():
-        _, brain = subject_brain(subj, mask)
-        x = torch.from_numpy(resample(brain, subj.affine, template.grid, world=world))[None, None]
-        t1 = torch.from_numpy(template.t1)[None, None]
-        vel = model.reg_net(x, t1)
-        if refine:
-            vel = refine_velocity(vel, x, t1, refine, lr=REFINE_LR, **refine_weights(model))
-        fwd, inv, _ = velocity_to_displacements(vel, model.config.int_steps)
-    return Registration(template, world, fwd[0], inv[0], subj, brain, vel[0])
 
 
 def _subject_probs(reg, index):

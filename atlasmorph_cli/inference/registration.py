@@ -171,14 +171,16 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 @torch.no_grad()
 def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | None, mask: Volume | None = None,
              refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR, template: Template | None = None,
-             refine_loss: str = "model") -> Registration:
+             refine_loss: str = "model", world: np.ndarray | None = None) -> Registration:
     """Affine + deformable registration of a subject to its attribute-matched template (or to `template`,
     e.g. one read by --template or one being built); `refine` > 0 adds that many instance-optimisation
-    steps (Adam, `refine_lr`, image term `refine_loss`) on the RegNet's velocity (inference.refine)."""
+    steps (Adam, `refine_lr`, image term `refine_loss`) on the RegNet's velocity (inference.refine).
+    `world` (template grid world -> subject world), when given, is used instead of fitting the affine
+    (build keeps each subject's first-round affine)."""
     tmpl = template if template is not None else make_template(model, attrs)
     m, brain = subject_brain(subject, mask)
-    fixed = tmpl.t1 * (tmpl.probs[0] < 0.5)
-    world = fit_affine(brain, subject.affine, fixed, tmpl.grid)
+    if world is None:
+        world = fit_affine(brain, subject.affine, tmpl.t1 * (tmpl.probs[0] < 0.5), tmpl.grid)
     x = torch.from_numpy(resample(brain, subject.affine, tmpl.grid, world=world))[None, None]
     t1 = torch.from_numpy(tmpl.t1)[None, None]
     vel = model.reg_net(x, t1)
