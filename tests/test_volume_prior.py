@@ -75,3 +75,16 @@ def test_the_trend_loss_pulls_the_template_toward_the_trend():
     assert abs(float(loss) - math.log(65 / 33) ** 2) < 1e-6
     loss.backward()
     assert float(logits.grad[:, 1].max()) < 0  # class 1's logits must rise
+
+
+def test_a_subject_missing_a_structure_does_not_bend_its_trend():
+    """Volumes x3 over age, plus one old subject whose structure is nearly absent (2 voxels): it is left out
+    of that structure's fit, so the trend stays the cohort's."""
+    ages = torch.linspace(-1, 1, 9)[:, None]
+    k = math.log(3.0) / 2
+    vols = [round(300 * math.exp(k * float(a))) - 1 for a in ages[:, 0]]
+    clean = volume_trends(_labels_with_class1_volume(vols), ages, torch.tensor([True]), 2)[:, 1]
+    vols_cut = vols[:-1] + [2]
+    cut = volume_trends(_labels_with_class1_volume(vols_cut), ages, torch.tensor([True]), 2)[:, 1]
+    assert torch.allclose(clean, k * ages[:, 0], atol=0.03)
+    assert torch.allclose(cut, clean, atol=0.03), (cut, clean)

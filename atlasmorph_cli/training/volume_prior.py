@@ -23,13 +23,23 @@ def structure_volumes(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     return torch.stack([torch.bincount(lab.reshape(-1).long(), minlength=n_classes)[:n_classes] for lab in labels]).double()
 
 
-def fit_log_volumes(labels: torch.Tensor, attrs: torch.Tensor, n_classes: int) -> torch.Tensor:
+def fit_log_volumes(labels: torch.Tensor, attrs: torch.Tensor, n_classes: int, keep_above: float = 0.05) -> torch.Tensor:
     """(K, n_classes) coefficients of the ridge regression of the subjects' log(1 + volume) on the basis of
-    their (encoded) attributes; NaN for a class no subject has (a cohort labelling only some structures)."""
+    their (encoded) attributes, one regression per class; NaN for a class no subject has (a cohort labelling
+    only some structures). A subject whose structure is smaller than `keep_above` x the cohort's median
+    (cut by the field of view, or missing from its label map: IXI has left cerebella of 2 voxels) is left
+    out of that structure's fit: on a log scale it would bend the trend for every age."""
     basis = quadratic_basis(attrs.double())
     vols = structure_volumes(labels, n_classes)
-    coef = ridge_coefficients(basis.T @ basis, basis.T @ torch.log1p(vols))
-    coef[:, vols.sum(0) == 0] = float("nan")
+    logv = torch.log1p(vols)
+    coef = torch.full((basis.shape[1], n_classes), float("nan"), dtype=torch.float64)
+    for c in range(n_classes):
+        median = vols[:, c].median()
+        if float(median) <= 0:
+            continue  # absent from most subjects: not scored
+        keep = vols[:, c] >= keep_above * median
+        b = basis[keep]
+        coef[:, c] = ridge_coefficients(b.T @ b, b.T @ logv[keep, c : c + 1])[:, 0]
     return coef
 
 
