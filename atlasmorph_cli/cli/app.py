@@ -125,9 +125,9 @@ def train_command(
     w_magnitude: float = typer.Option(LossWeights.magnitude, help="Weight: mean squared displacement."),
     w_volume: float = typer.Option(
         LossWeights.volume, min=0.0,
-        help="Weight: the template's structure volumes (sums of label probabilities) against the training "
-             "subjects' volumes regressed on their attributes, so each template carries the anatomy typical "
-             "of its attributes (needs label maps; 0 = off)."),
+        help="Weight: the change of the template's structure volumes (sums of label probabilities) with the "
+             "numeric attributes (age) against the training subjects' volumes regressed on their attributes, "
+             "so each template carries the volume trend of its attributes (needs label maps; 0 = off)."),
     shape_every: int = typer.Option(
         25, min=1, help="Steps between closed-form refits of the deformable template: the regression of the "
                         "subjects' stored warps on their attributes (each template moves to the centre of its "

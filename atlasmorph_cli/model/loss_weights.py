@@ -20,6 +20,6 @@ class LossWeights:
     # sub-population, and this term would hide the mean displacement that refit reads (docs/conditioning.md)
     centrality: float = 0.0
     magnitude: float = 0.001  # plain mean squared displacement
-    # the template's structure volumes (sums of label probabilities) vs the training cohort's regression of
-    # model-space volumes on the attributes (training.volume_prior); 0 = off (v1, v2-rc2)
+    # the template's log-volume change with age (sums of label probabilities) vs the training cohort's regression
+    # of model-space volumes on the attributes (training.volume_prior); 0 = off (v1, v2-rc2)
     volume: float = 0.0
