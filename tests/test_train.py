@@ -66,13 +66,14 @@ def _ventricle_volumes(model, deformation_only: bool = False) -> list[float]:
 def test_deformable_template_carries_the_age_effect_as_shape(cohort, tmp_path):
     """Phantom ventricles grow x12.7 in volume from 20 to 80. With a deformable template (v2) the template's
     deformation alone (base moved, no residual) makes them grow; v1 has no deformation. The refit template
-    is the regression of the stored subject warps, and the segmentation loss falls."""
+    is the regression of the stored subject warps, and the segmentation loss falls. (90 steps: with the
+    3-level affine of issue 19 the phantoms are aligned slightly differently and 60 steps gave x1.14.)"""
     import csv
 
     from atlasmorph_cli.training.step import refit_template_shape
 
     out = tmp_path / "v2"
-    train(settings(cohort, out, steps=60, val_every=1000, shape_every=10,
+    train(settings(cohort, out, steps=90, val_every=1000, shape_every=10,
                    weights=LossWeights(image=1.0, smooth=0.05, centrality=0.0)), small_reference())
     model = load_model(out / "model.safetensors")
     assert model.config.template_deform
@@ -82,7 +83,7 @@ def test_deformable_template_carries_the_age_effect_as_shape(cohort, tmp_path):
     assert old_t > 1.5 * young_t, (young_t, old_t)
     seg = np.array([float(h["seg"]) for h in csv.DictReader(open(out / "history.csv"))])
     assert seg[-5:].mean() < seg[:5].mean() - 0.02, (seg[:5], seg[-5:])
-    # the checkpoint's memory of subject warps, refitted, gives the model's coefficients (step 60 is a refit)
+    # the checkpoint's memory of subject warps, refitted, gives the model's coefficients (step 90 is a refit)
     ckpt = load_file(str(out / "checkpoint.safetensors"))
     memory = {k[4:]: v for k, v in ckpt.items() if k.startswith("mem.")}
     coef = model.template_net.shape_coef.clone()
