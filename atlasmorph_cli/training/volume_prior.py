@@ -25,8 +25,8 @@ def structure_volumes(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
 
 def fit_log_volumes(labels: torch.Tensor, attrs: torch.Tensor, n_classes: int, keep_above: float = 0.05) -> torch.Tensor:
     """(K, n_classes) coefficients of the ridge regression of the subjects' log(1 + volume) on the basis of
-    their (encoded) attributes, one regression per class; NaN for a class no subject has (a cohort labelling
-    only some structures). A subject whose structure is smaller than `keep_above` x the cohort's median
+    their (encoded) attributes, one regression per class; NaN for a class absent from at least half the
+    subjects (a cohort labelling only some structures: its median volume is 0). A subject whose structure is smaller than `keep_above` x the cohort's median
     (cut by the field of view, or missing from its label map: IXI has left cerebella of 2 voxels) is left
     out of that structure's fit: on a log scale it would bend the trend for every age."""
     basis = quadratic_basis(attrs.double())
