@@ -107,8 +107,9 @@ class TrainingStep(torch.nn.Module):
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
             terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
-        if self.w.volume:  # the template's volume change from its reference template follows the cohort's trend;
-            # both carry gradients, so what moves them equally (the base) cancels and the attributes' part learns
+        if self.w.volume and bool(self.numeric.any()):  # the template's volume change from its reference template
+            # follows the cohort's trend; both carry gradients, so what moves them equally (the base) cancels and
+            # the attributes' part learns. Without numeric attributes the reference is the template itself: no term
             ref_logits = self.model.template_net.forward_train(reference_attributes(attrs, self.numeric))["logits"]
             trend = self.volume_trend[idx.to(self.volume_trend.device)]
             terms["volume"] = losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits_half, dim=1)),
