@@ -138,9 +138,9 @@ def test_refinement_lowers_the_image_loss_on_a_real_subject(mni_model, subject):
     assert refined.template_to_subject_field.abs().max() > 0.1  # it did move
 
 
-@pytest.mark.parametrize("extra,expect", [([], 10), (["--refine", "0"], 0), (["--refine", "3"], 3)])
+@pytest.mark.parametrize("extra,expect", [([], 5), (["--refine", "0"], 0), (["--refine", "3"], 3)])
 def test_refine_option_reaches_the_registration(tmp_path, mni_model, subject, monkeypatch, extra, expect):
-    """`segment --refine N` hands N to the registration (10 when not given); nothing is written when it stops."""
+    """`segment --refine N` hands N to the registration (the default, 5, when not given); nothing is written when it stops."""
     from atlasmorph_cli.cli import run as commands
     from atlasmorph_cli.errors import AtlasMorphError
 

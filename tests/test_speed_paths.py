@@ -26,6 +26,19 @@ def test_segment_and_template_paths_import_no_scipy_ndimage_dynamo_matplotlib_or
     assert out.stdout.strip() == ""
 
 
+def test_help_path_imports_no_torch():
+    """`atlasmorph <command> --help` loads the command line only: no torch (about 1.3 s of start-up), so the
+    refinement defaults it shows come from a torch-free module."""
+    code = (
+        "import sys\n"
+        "from atlasmorph_cli.cli import app\n"
+        "from atlasmorph_cli.inference.refine_defaults import REFINE_STEPS\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 class _FakeTimer:
     """A clock that advances only when told to."""
 

@@ -82,7 +82,7 @@ def _batch(image: Path, out_dir: Path | None, outputs: str | None, run: RunOptio
 def _request(command: str, image: Path, subject: SubjectOptions, run: RunOptions, outputs: dict[str, Path | None],
              **batch: object) -> SubjectRequest:
     """The SubjectRequest of a register/segment command line."""
-    from ..inference.refine import REFINE_LOSSES
+    from ..inference.refine_defaults import REFINE_LOSSES
 
     if run.refine_loss not in REFINE_LOSSES:
         raise AtlasMorphError(f"--refine-loss must be one of {', '.join(REFINE_LOSSES)}, got '{run.refine_loss}'")

@@ -21,7 +21,7 @@ import typer
 
 from ..bids.layout import BidsSelection
 from ..errors import AtlasMorphError
-from ..inference.refine import REFINE_STEPS
+from ..inference.refine_defaults import REFINE_STEPS
 from .options import GROUP, BidsOptions, QuietOpt, seg_derivatives_option
 
 Warn = Callable[[list[str]], None]

@@ -15,14 +15,14 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from ..inference.refine import REFINE_STEPS
+from ..inference.refine_defaults import REFINE_STEPS
 
 GROUP: Any = None  # the default of a group parameter (with_option_groups replaces it)
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
 RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
-                         "for this subject (about 0.1 s each; 0: the network's warp as is).")
+                         "for this subject (Adam, lr 0.05; about 0.1 s each; 0: the network's warp as is).")
 RefineLossOpt = typer.Option("model", "--refine-loss", help="Image term of the refinement: 'model' (the one the "
                              "model was trained with; MSE for the shipped model) or 'ncc' (local NCC: robust to "
                              "another scanner's contrast; about 1.5 s of CPU more per subject; docs/ood.md).")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AtlasMorphError
-from ..inference.refine import REFINE_STEPS
+from ..inference.refine_defaults import REFINE_STEPS
 
 if TYPE_CHECKING:  # the bids package reads images (nibabel): not imported for --help
     from ..bids import BidsSelection

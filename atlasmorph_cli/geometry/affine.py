@@ -65,11 +65,13 @@ class Level:
 
 # MI at 8 mm finds the pose; local NCC at 4 mm and then 2 mm refines it. A level of MI at 4 mm (40 iterations)
 # between them and 10 iterations at 2 mm instead of 5 cost 1 CPU s more (2.2 vs 1.2 s) for the same accuracy:
-# MNI-space Dice of 14 IXI subjects 0.6947 with them, 0.6952 without (docs/benchmarks.md, section 3).
+# MNI-space Dice of 14 IXI subjects 0.6947 with them, 0.6952 without (docs/benchmarks.md, section 3). 3 iterations
+# at 2 mm instead of 5 save 0.2 s with the same segmentation Dice (benchmarks/speed_settings.py); leaving the 2 mm
+# level out saves 0.8 s but costs 0.0015 Dice without refinement.
 LEVELS: tuple[Level, ...] = (
     Level("mi", 8.0, 4.0, 80, 1.0),
     Level("lncc", 4.0, 2.0, 40, 0.3, radius=2),
-    Level("lncc", 2.0, 0.0, 5, 0.1, radius=3),
+    Level("lncc", 2.0, 0.0, 3, 0.1, radius=3),
 )
 CANDIDATE_ITERATIONS = 30
 
@@ -443,9 +445,12 @@ def _transform(params: torch.Tensor, a0: torch.Tensor, c_f: torch.Tensor, c_m: t
     return lin, trans
 
 
-def _optimise(level: _Level, params: torch.Tensor, a0: torch.Tensor, c_f: torch.Tensor, c_m: torch.Tensor,
-              iterations: int, lr: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Adam on params (B, 12), written out: torch.optim's first use imports torch._dynamo (~2 s)."""
+def _optimise(level: _PointLevel | _DenseLevel, params: torch.Tensor, a0: torch.Tensor, c_f: torch.Tensor, c_m: torch.Tensor,
+              iterations: int, lr: float, score: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Adam on params (B, 12), written out: torch.optim's first use imports torch._dynamo (~2 s).
+
+    Returns the parameters and, with `score`, the loss they reach (one more evaluation: only the choice
+    between candidate initialisations needs it)."""
     beta1, beta2, eps = 0.9, 0.999, 1e-8
     params = params.clone()
     m1 = torch.zeros_like(params)
@@ -458,6 +463,8 @@ def _optimise(level: _Level, params: torch.Tensor, a0: torch.Tensor, c_f: torch.
         m2.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         step = (m1 / (1 - beta1**it)) / ((m2 / (1 - beta2**it)).sqrt() + eps)
         params = params - lr * step
+    if not score:
+        return params, None
     with torch.no_grad():
         final = level.loss(*_transform(params, a0, c_f, c_m))
     return params, final
@@ -470,14 +477,18 @@ def fit_affine(
     fixed_grid: Grid,
     *,
     threads: int | None = None,
+    levels: Sequence[Level] = LEVELS,
 ) -> np.ndarray:
     """Affine (12-parameter) registration; returns T (4x4) mapping fixed world points to moving world points.
 
     `moving` is a brain-extracted T1 (zero outside the brain) with voxel-to-world `moving_affine`,
     any orientation and voxel size; `fixed` is the normalised reference brain on `fixed_grid`.
     ``space.resample(moving, moving_affine, fixed_grid, world=T)`` then puts the moving image on the grid.
-    `threads` sets torch's thread count for the call (restored afterwards).
+    `threads` sets torch's thread count for the call (restored afterwards); `levels` replaces the
+    coarse-to-fine schedule (the first must be "mi": it chooses between the candidate rotations).
     """
+    if not levels or levels[0].metric != "mi":
+        raise ValueError("the first affine level must be 'mi' (it chooses between the candidate rotations)")
     moving = np.asarray(moving, dtype=np.float32)
     fixed = np.asarray(fixed, dtype=np.float32)
     if moving.ndim != 3 or fixed.ndim != 3:
@@ -490,7 +501,7 @@ def fit_affine(
     with _torch_threads(threads), torch.no_grad():
         mov = _normalise(moving)
         fix = _normalise(fixed)
-        mov, m_aff = _reduce(mov, m_aff, float(LEVELS[-1].spacing_mm))
+        mov, m_aff = _reduce(mov, m_aff, float(levels[-1].spacing_mm))
 
         c_f, cov_f, vol_f = _moments(fix > 0, f_aff)
         c_m, cov_m, vol_m = _moments(mov > 0, m_aff)
@@ -501,19 +512,19 @@ def fit_affine(
         a0s = torch.as_tensor(np.stack([scale * r for r in rots]), dtype=torch.float32)
 
         generator = torch.Generator().manual_seed(SEED)
-        levels = [
+        built = [
             _PointLevel(fix, f_aff, mov, m_aff, lv, generator) if lv.metric == "mi"
             else _DenseLevel(fix, f_aff, mov, m_aff, lv)
-            for lv in LEVELS
+            for lv in levels
         ]
 
     with _torch_threads(threads), torch.enable_grad():
-        params, losses = _optimise(levels[0], torch.zeros(len(rots), 12), a0s, c_f_t, c_m_t,
-                                   CANDIDATE_ITERATIONS, LEVELS[0].lr)
+        params, losses = _optimise(built[0], torch.zeros(len(rots), 12), a0s, c_f_t, c_m_t,
+                                   CANDIDATE_ITERATIONS, levels[0].lr)
         best = int(torch.argmin(losses))
         params, a0 = params[best : best + 1], a0s[best : best + 1]
-        for lv, level in zip(LEVELS, levels):
-            params, _ = _optimise(level, params, a0, c_f_t, c_m_t, lv.iterations, lv.lr)
+        for lv, level in zip(levels, built):
+            params, _ = _optimise(level, params, a0, c_f_t, c_m_t, lv.iterations, lv.lr, score=False)
         lin, trans = _transform(params, a0, c_f_t, c_m_t)
 
     out = np.eye(4)

@@ -133,8 +133,8 @@ def assess(reg, mask: np.ndarray, subject: str = "", mask_source: str = "") -> Q
     with torch.no_grad():
         t1 = torch.from_numpy(np.ascontiguousarray(reg.template.t1, dtype=np.float32))
         tbrain = torch.from_numpy(np.ascontiguousarray(reg.template.probs[0] < 0.5))
-        moved = torch.from_numpy(reg.subject_to_template())
-        moved_mask = torch.from_numpy(reg.subject_to_template(mask.astype(np.float32))) > 0.5
+        both = torch.from_numpy(reg.subject_to_template(np.stack([reg.brain, mask]).astype(np.float32)))
+        moved, moved_mask = both[0], both[1] > 0.5  # one map into the subject for both
         ncc_map = _local_ncc(moved, t1)
         n_t = int(tbrain.sum())
         ncc = float(ncc_map[tbrain].mean()) if n_t else math.nan

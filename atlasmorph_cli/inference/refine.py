@@ -11,16 +11,7 @@ import torch
 from ..model.layers import warp
 from ..model.losses import get_image_loss, gradient_l2
 from ..model.networks import velocity_to_displacements
-
-# the default of `atlasmorph register`/`segment`: chosen on 14 training subjects of the shipped model
-# (benchmarks/refine_sweep.py, docs/benchmarks.md), +0.019 mean Dice there for about 1 s
-REFINE_STEPS = 10
-REFINE_LR = 0.03
-# --refine-loss: the image term of the refinement. "model" = the one the model was trained with (MSE for the
-# shipped model); "ncc" = local NCC (9^3 boxes, weight 1), which ignores a subject's intensity scale: chosen on
-# 3 training subjects x 5 perturbations (docs/ood.md), where it never fell below the network's own warp
-REFINE_LOSSES = ("model", "ncc")
-NCC_REFINE_WEIGHT = 1.0
+from .refine_defaults import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS  # noqa: F401 (re-exported)
 
 
 def refine_velocity(

@@ -89,7 +89,9 @@ class Registration:
 
     def labels_to_native(self) -> tuple[np.ndarray, np.ndarray]:
         """Hard FreeSurfer labels and per-class probability sums (for volumes) in native space."""
-        probs = torch.from_numpy(self.template.probs)[None]
+        # channels-last: the 35 classes of a voxel lie together in memory, which makes the trilinear sampling of
+        # every class about 2x faster (same numbers)
+        probs = torch.from_numpy(self.template.probs)[None].contiguous(memory_format=torch.channels_last_3d)
         labels = np.zeros(self.subject.shape, dtype=np.int32)
         sums = np.zeros(probs.shape[1])
         for rows in _slabs(self.subject.shape, probs.shape[1]):
@@ -107,9 +109,12 @@ class Registration:
         return p
 
     def subject_to_template(self, image: np.ndarray | None = None) -> np.ndarray:
-        """The subject (normalised brain by default) moved onto the template grid, one interpolation."""
-        src = torch.from_numpy(np.ascontiguousarray(self.brain if image is None else image, dtype=np.float32))
-        return sample_at(src[None, None], self.template_to_native_coords(), padding_mode="zeros")[0, 0].numpy()
+        """The subject (normalised brain by default; or any native (X,Y,Z) or (C,X,Y,Z) image) moved onto the
+        template grid, one interpolation."""
+        vol = self.brain if image is None else image
+        src = torch.from_numpy(np.ascontiguousarray(vol if vol.ndim == 4 else vol[None], dtype=np.float32))
+        out = sample_at(src[None], self.template_to_native_coords(), padding_mode="zeros")[0].numpy()
+        return out if vol.ndim == 4 else out[0]
 
     def subject_to_template_transform(self) -> DisplacementField:
         """The -t warp, which pulls the subject onto the template: on the template grid (RAS mm),

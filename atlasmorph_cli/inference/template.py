@@ -38,7 +38,8 @@ class Template:
 
     @property
     def labels(self) -> np.ndarray:
-        return to_freesurfer(self.probs.argmax(0)).astype(np.int32)
+        # torch's max(0).indices = numpy's argmax(0) (the first maximum), about 3x faster
+        return to_freesurfer(torch.from_numpy(self.probs).max(0).indices.numpy()).astype(np.int32)
 
 
 @torch.no_grad()

@@ -1,0 +1,105 @@
+"""Accuracy of cheaper affine and refinement settings (issue 19): final Dice and CPU seconds per variant.
+
+For the validation subjects of the shipped model (T1 inside its own DLMUSE mask, scored in the native grid as
+segmentation_benchmark.py does), the attribute-matched template is registered with each affine variant (the
+levels of geometry.affine.fit_affine) and, on each affine, with each refinement setting (steps@lr); one thread.
+
+    python benchmarks/speed_settings.py --split docs/benchmarks/atlasmorph-ixi-2mm-v1_split.json \\
+        --json docs/benchmarks/speed_settings.json
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import numpy as np  # noqa: E402
+
+import common  # noqa: E402
+from segmentation_methods import load_subject, score  # noqa: E402
+
+
+def affine_variants():
+    """Name -> affine levels: "4mm40+2mm5" is the schedule of 463ab20 (MI 8 mm, then local NCC 4 mm and 2 mm)."""
+    from atlasmorph_cli.geometry.affine import Level
+
+    mi = Level("mi", 8.0, 4.0, 80, 1.0)
+    return {
+        "4mm40+2mm5": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 5, 0.1, radius=3)),
+        "4mm40": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2)),
+        "4mm20": (mi, Level("lncc", 4.0, 2.0, 20, 0.3, radius=2)),
+        "4mm40+2mm3": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--split", type=Path, default=None, help="split.json with the validation subjects")
+    common.add_data_option(ap)
+    ap.add_argument("--n", type=int, default=None, help="first N validation subjects (by id)")
+    ap.add_argument("--refine", default="0@0,10@0.03,5@0.05,6@0.05", help="comma list of steps@lr (0@0: no refinement)")
+    ap.add_argument("--affine", default=None, help="comma list of affine variants (default: all of affine_variants)")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import torch
+
+    from atlasmorph_cli import labels
+    from atlasmorph_cli.geometry import affine
+    from atlasmorph_cli.inference.registration import register_subject, subject_brain
+    from atlasmorph_cli.inference.template import encode_attributes, make_template
+    from atlasmorph_cli.io.volumes import Volume
+    from atlasmorph_cli.model.shipped import load
+
+    torch.set_num_threads(1)
+    path, model = load(None, 1)
+    split, source = common.split_ids(args.split, path)
+    rows = common.pick_subjects(common.ixi_rows(common.data_folder(args.data)), split["validation"], args.n)
+    refine = [(int(s), float(lr)) for s, lr in (item.split("@") for item in args.refine.split(","))]
+    variants = affine_variants()
+    if args.affine:
+        variants = {k: variants[k] for k in args.affine.split(",")}
+    per: dict[str, dict[str, list[float]]] = {}
+    for r in rows:
+        brain, mask, truth = load_subject(r)
+        mask_vol = Volume(mask.astype(np.float32), brain.affine)
+        vec, _ = encode_attributes(model, {"age": float(r["age"]), "sex": r["sex"]})
+        tmpl = make_template(model, vec)
+        _, norm = subject_brain(brain, mask_vol)
+        line = [r["subject"]]
+        for name, levels in variants.items():
+            t0 = time.process_time()
+            world = affine.fit_affine(norm, brain.affine, tmpl.t1 * (tmpl.probs[0] < 0.5), tmpl.grid, levels=levels)
+            t_aff = time.process_time() - t0
+            for steps, lr in refine:
+                t0 = time.process_time()
+                reg = register_subject(model, brain, vec, mask_vol, refine=steps, refine_lr=lr, template=tmpl,
+                                       world=world)
+                t_reg = time.process_time() - t0
+                seg, _ = reg.labels_to_native()
+                d = score(labels.to_index(seg, "freesurfer"), truth)["dice"]
+                rec = per.setdefault(f"{name}|{steps}@{lr:g}", {"dice": [], "affine_cpu_s": [], "rest_cpu_s": []})
+                rec["dice"].append(d)
+                rec["affine_cpu_s"].append(t_aff)
+                rec["rest_cpu_s"].append(t_reg)
+                line.append(f"{name}|{steps}@{lr:g} {d:.4f}")
+        print("  ".join(line), flush=True)
+    summary = {k: {"dice_mean": float(np.mean(v["dice"])), "affine_cpu_s": float(np.mean(v["affine_cpu_s"])),
+                   "network_refine_cpu_s": float(np.mean(v["rest_cpu_s"]))} for k, v in per.items()}
+    print()
+    for k, v in summary.items():
+        print(f"{k:22s} Dice {v['dice_mean']:.4f}  affine {v['affine_cpu_s']:.2f} s  "
+              f"network+refinement {v['network_refine_cpu_s']:.2f} s (CPU, 1 thread)")
+    if args.json:
+        common.write_json(args.json, {"command": common.command_line("speed_settings.py", argv),
+                                      "machine": common.describe_machine(), "threads": 1, "split": source,
+                                      "subjects": [r["subject"] for r in rows], "summary": summary,
+                                      "per_subject": per})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
