@@ -1,4 +1,4 @@
 """`python -m atlasmorph_cli` runs the same command-line interface as `atlasmorph`."""
-from .cli import main
+from .cli import console_entry
 
-main()
+console_entry()

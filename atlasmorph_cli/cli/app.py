@@ -380,6 +380,30 @@ def main() -> None:
         _main()
 
 
+def console_entry() -> None:
+    """The `atlasmorph` executable (and `python -m atlasmorph_cli`): main(), then leave at once.
+
+    Every output is written and closed by then, so the process ends with os._exit after flushing stdout and
+    stderr: the interpreter's teardown of the imported torch takes about 0.7 s, a quarter of a `template` run.
+    main() itself returns normally (tests and embedding code call it in-process)."""
+    code: object = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code
+    if code is None:
+        code = 0
+    elif not isinstance(code, int):  # sys.exit("message"): print it, as the interpreter would
+        print(code, file=sys.stderr)
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe (atlasmorph ... | head): nothing left to deliver
+            pass
+    os._exit(code)
+
+
 def _main() -> None:
     no_args, usage, click_error, abort = _click_errors()
     debug = "--debug" in sys.argv
