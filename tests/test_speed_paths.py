@@ -39,6 +39,20 @@ def test_help_path_imports_no_torch():
     assert out.stdout.strip() == "False"
 
 
+def test_console_entry_keeps_exit_codes_and_flushes_piped_output(tmp_path):
+    """The executable leaves by os._exit (no interpreter teardown): its exit codes are main()'s, and what it
+    printed into a pipe (block-buffered) still arrives."""
+    run = lambda *a: subprocess.run([sys.executable, "-m", "atlasmorph_cli", *a], capture_output=True, text=True,
+                                    cwd=tmp_path)
+    ok = run("--version")
+    assert ok.returncode == 0 and ok.stdout.startswith("atlasmorph ")
+    bad = run("template", "--age", "200", "-o", str(tmp_path / "t.nii.gz"))
+    assert bad.returncode == 1 and bad.stderr.strip().splitlines() == [
+        "atlasmorph: error: age must be between 0 and 130 years, got 200"]
+    assert run("template", "--bogus").returncode == 2
+    assert not (tmp_path / "t.nii.gz").exists()
+
+
 class _FakeTimer:
     """A clock that advances only when told to."""
 
