@@ -32,7 +32,20 @@ def affine_variants():
         "4mm40": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2)),
         "4mm20": (mi, Level("lncc", 4.0, 2.0, 20, 0.3, radius=2)),
         "4mm40+2mm3": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
+        "mi40+4mm40+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 40, 0.3, radius=2),
+                            Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
+        "4mm25+2mm3": (mi, Level("lncc", 4.0, 2.0, 25, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
+        "cand15+4mm40+2mm3": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
+        "cand15+mi40+4mm25+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
+                                   Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
     }
+
+
+def candidate_iterations(name: str) -> int:
+    """The MI steps per candidate rotation of a variant ("candN+..."; else the default)."""
+    from atlasmorph_cli.geometry.affine import CANDIDATE_ITERATIONS
+
+    return int(name[4:name.index("+")]) if name.startswith("cand") else CANDIDATE_ITERATIONS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         line = [r["subject"]]
         for name, levels in variants.items():
             t0 = time.process_time()
-            world = affine.fit_affine(norm, brain.affine, tmpl.t1 * (tmpl.probs[0] < 0.5), tmpl.grid, levels=levels)
+            world = affine.fit_affine(norm, brain.affine, tmpl.t1 * (tmpl.probs[0] < 0.5), tmpl.grid, levels=levels,
+                                      candidate_iterations=candidate_iterations(name))
             t_aff = time.process_time() - t0
             for steps, lr in refine:
                 t0 = time.process_time()

@@ -65,15 +65,16 @@ class Level:
 
 # MI at 8 mm finds the pose; local NCC at 4 mm and then 2 mm refines it. A level of MI at 4 mm (40 iterations)
 # between them and 10 iterations at 2 mm instead of 5 cost 1 CPU s more (2.2 vs 1.2 s) for the same accuracy:
-# MNI-space Dice of 14 IXI subjects 0.6947 with them, 0.6952 without (docs/benchmarks.md, section 3). 3 iterations
-# at 2 mm instead of 5 save 0.2 s with the same segmentation Dice (benchmarks/speed_settings.py); leaving the 2 mm
-# level out saves 0.8 s but costs 0.0015 Dice without refinement.
+# MNI-space Dice of 14 IXI subjects 0.6947 with them, 0.6952 without (docs/benchmarks.md, section 3). Halving the
+# iterations of the candidates (30 -> 15) and of MI (80 -> 40), 25 instead of 40 at 4 mm and 3 instead of 5 at 2 mm
+# cost 0.4 CPU s less with the same segmentation Dice on the 23 validation subjects, with and without refinement
+# (benchmarks/speed_settings.py); leaving the 2 mm level out costs 0.0015 Dice without refinement.
 LEVELS: tuple[Level, ...] = (
-    Level("mi", 8.0, 4.0, 80, 1.0),
-    Level("lncc", 4.0, 2.0, 40, 0.3, radius=2),
+    Level("mi", 8.0, 4.0, 40, 1.0),
+    Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
     Level("lncc", 2.0, 0.0, 3, 0.1, radius=3),
 )
-CANDIDATE_ITERATIONS = 30
+CANDIDATE_ITERATIONS = 15
 
 
 @contextmanager
@@ -478,6 +479,7 @@ def fit_affine(
     *,
     threads: int | None = None,
     levels: Sequence[Level] = LEVELS,
+    candidate_iterations: int = CANDIDATE_ITERATIONS,
 ) -> np.ndarray:
     """Affine (12-parameter) registration; returns T (4x4) mapping fixed world points to moving world points.
 
@@ -485,7 +487,8 @@ def fit_affine(
     any orientation and voxel size; `fixed` is the normalised reference brain on `fixed_grid`.
     ``space.resample(moving, moving_affine, fixed_grid, world=T)`` then puts the moving image on the grid.
     `threads` sets torch's thread count for the call (restored afterwards); `levels` replaces the
-    coarse-to-fine schedule (the first must be "mi": it chooses between the candidate rotations).
+    coarse-to-fine schedule (the first must be "mi": it chooses between the candidate rotations, each optimised
+    `candidate_iterations` steps on it first).
     """
     if not levels or levels[0].metric != "mi":
         raise ValueError("the first affine level must be 'mi' (it chooses between the candidate rotations)")
@@ -520,7 +523,7 @@ def fit_affine(
 
     with _torch_threads(threads), torch.enable_grad():
         params, losses = _optimise(built[0], torch.zeros(len(rots), 12), a0s, c_f_t, c_m_t,
-                                   CANDIDATE_ITERATIONS, levels[0].lr)
+                                   candidate_iterations, levels[0].lr)
         best = int(torch.argmin(losses))
         params, a0 = params[best : best + 1], a0s[best : best + 1]
         for lv, level in zip(levels, built):
