@@ -394,6 +394,9 @@ def markdown(res: dict) -> str:
         f"threads {res['threads']}; machine: {res['machine']}; versions: "
         + ", ".join(f"{k} {v}" for k, v in res["versions"].items() if v) + ".",
         "",
+        f"Refinement of the AtlasMorph (refined) method: {res.get('refine')} steps at lr {res.get('refine_lr')}, "
+        f"image term `{res.get('refine_loss', 'model')}` (`--refine-loss`).",
+        "",
         "## Mean Dice over the 34 structures (change from clean on the same subjects)",
         "",
         "| perturbation | n | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |",
