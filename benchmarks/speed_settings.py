@@ -38,6 +38,8 @@ def affine_variants():
         "cand15+4mm40+2mm3": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
         "cand15+mi40+4mm25+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
                                    Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
+        "mi40+4mm25+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
+                            Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
     }
 
 

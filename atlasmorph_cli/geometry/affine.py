@@ -66,15 +66,16 @@ class Level:
 # MI at 8 mm finds the pose; local NCC at 4 mm and then 2 mm refines it. A level of MI at 4 mm (40 iterations)
 # between them and 10 iterations at 2 mm instead of 5 cost 1 CPU s more (2.2 vs 1.2 s) for the same accuracy:
 # MNI-space Dice of 14 IXI subjects 0.6947 with them, 0.6952 without (docs/benchmarks.md, section 3). Halving the
-# iterations of the candidates (30 -> 15) and of MI (80 -> 40), 25 instead of 40 at 4 mm and 3 instead of 5 at 2 mm
-# cost 0.4 CPU s less with the same segmentation Dice on the 23 validation subjects, with and without refinement
-# (benchmarks/speed_settings.py); leaving the 2 mm level out costs 0.0015 Dice without refinement.
+# MI iterations (80 -> 40), 25 instead of 40 at 4 mm and 3 instead of 5 at 2 mm cost 0.3 CPU s less with the same
+# segmentation Dice on the 23 validation subjects, with and without refinement (benchmarks/speed_settings.py);
+# leaving the 2 mm level out costs 0.0015 Dice without refinement. The candidates keep 30 steps each: 15 gave the
+# same validation Dice, but on the nearly half-turn-symmetric test phantoms another candidate wins for 5 of 8.
 LEVELS: tuple[Level, ...] = (
     Level("mi", 8.0, 4.0, 40, 1.0),
     Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
     Level("lncc", 2.0, 0.0, 3, 0.1, radius=3),
 )
-CANDIDATE_ITERATIONS = 15
+CANDIDATE_ITERATIONS = 30
 
 
 @contextmanager
