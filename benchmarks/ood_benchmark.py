@@ -499,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(args.threads)  # inherited by the workers
     import torch
 
-    from atlasmorph_cli.inference.refine import REFINE_LR, REFINE_STEPS
+    from atlasmorph_cli.inference.refine_defaults import REFINE_LR, REFINE_STEPS
 
     torch.set_num_threads(args.threads)
     refine = REFINE_STEPS if args.refine is None else args.refine

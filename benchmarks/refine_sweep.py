@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from atlasmorph_cli import labels
-    from atlasmorph_cli.inference.refine import REFINE_LR
+    from atlasmorph_cli.inference.refine_defaults import REFINE_LR
     from atlasmorph_cli.inference.registration import register_subject
     from atlasmorph_cli.inference.template import encode_attributes
     from atlasmorph_cli.model.shipped import load

@@ -11,7 +11,7 @@ import torch
 from ..model.layers import warp
 from ..model.losses import get_image_loss, gradient_l2
 from ..model.networks import velocity_to_displacements
-from .refine_defaults import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS  # noqa: F401 (re-exported)
+from .refine_defaults import REFINE_LR
 
 
 def refine_velocity(

@@ -23,7 +23,8 @@ from ..model.model_file import AtlasMorph
 from ..model.layers import jacobian_determinant, sample_at
 from ..model.networks import velocity_to_displacements
 from ..errors import AtlasMorphError
-from .refine import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS, refine_velocity
+from .refine import refine_velocity
+from .refine_defaults import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS
 from .template import Template, make_template
 from ..geometry.space import Grid, grid_coords, resample, voxel_map
 

@@ -76,9 +76,8 @@ def warp(
 def integrate_velocity(vel: torch.Tensor, steps: int = 7) -> torch.Tensor:
     """Scaling and squaring: exp(vel) as a displacement, via u = vel / 2**steps, then u <- u o u `steps` times."""
     disp = vel / (2.0**steps)
-    ident = identity_grid(vel.shape[2:], vel.device, vel.dtype).unsqueeze(0)  # warp's identity, built once
     for _ in range(steps):
-        disp = disp + sample_at(disp, ident + disp)
+        disp = disp + warp(disp, disp)
     return disp
 
 
