@@ -22,32 +22,29 @@ import common  # noqa: E402
 from segmentation_methods import load_subject, score  # noqa: E402
 
 
-def affine_variants():
-    """Name -> affine levels: "4mm40+2mm5" is the schedule of 463ab20 (MI 8 mm, then local NCC 4 mm and 2 mm)."""
-    from atlasmorph_cli.geometry.affine import Level
-
-    mi = Level("mi", 8.0, 4.0, 80, 1.0)
-    return {
-        "4mm40+2mm5": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 5, 0.1, radius=3)),
-        "4mm40": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2)),
-        "4mm20": (mi, Level("lncc", 4.0, 2.0, 20, 0.3, radius=2)),
-        "4mm40+2mm3": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
-        "mi40+4mm40+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 40, 0.3, radius=2),
-                            Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
-        "4mm25+2mm3": (mi, Level("lncc", 4.0, 2.0, 25, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
-        "cand15+4mm40+2mm3": (mi, Level("lncc", 4.0, 2.0, 40, 0.3, radius=2), Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
-        "cand15+mi40+4mm25+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
-                                   Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
-        "mi40+4mm25+2mm3": (Level("mi", 8.0, 4.0, 40, 1.0), Level("lncc", 4.0, 2.0, 25, 0.3, radius=2),
-                            Level("lncc", 2.0, 0.0, 3, 0.1, radius=3)),
-    }
+# the variants measured for issue 19 (docs/benchmarks.md, section 3); "4mm40+2mm5" is the schedule of 463ab20
+VARIANTS = ("4mm40+2mm5", "4mm40", "4mm20", "4mm40+2mm3", "mi40+4mm40+2mm3", "4mm25+2mm3", "cand15+4mm40+2mm3",
+            "cand15+mi40+4mm25+2mm3", "mi40+4mm25+2mm3")
 
 
-def candidate_iterations(name: str) -> int:
-    """The MI steps per candidate rotation of a variant ("candN+..."; else the default)."""
-    from atlasmorph_cli.geometry.affine import CANDIDATE_ITERATIONS
+def affine_schedule(name: str):
+    """(levels, candidate steps) that a variant's name spells, "+"-separated: candN (steps per candidate rotation,
+    default 30), miN (MI at 8 mm, default 80 steps), 4mmN and 2mmN (local NCC steps at 4 and 2 mm; a level that
+    is not named is left out)."""
+    from atlasmorph_cli.geometry.affine import CANDIDATE_ITERATIONS, Level
 
-    return int(name[4:name.index("+")]) if name.startswith("cand") else CANDIDATE_ITERATIONS
+    steps = {"cand": CANDIDATE_ITERATIONS, "mi": 80}
+    for token in name.split("+"):
+        key = next((k for k in ("cand", "mi", "4mm", "2mm") if token.startswith(k)), None)
+        if key is None or not token[len(key):].isdigit():
+            raise SystemExit(f"affine variant {name!r}: cannot read {token!r} (candN, miN, 4mmN, 2mmN)")
+        steps[key] = int(token[len(key):])
+    levels = [Level("mi", 8.0, 4.0, steps["mi"], 1.0)]
+    if "4mm" in steps:
+        levels.append(Level("lncc", 4.0, 2.0, steps["4mm"], 0.3, radius=2))
+    if "2mm" in steps:
+        levels.append(Level("lncc", 2.0, 0.0, steps["2mm"], 0.1, radius=3))
+    return tuple(levels), steps["cand"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     common.add_data_option(ap)
     ap.add_argument("--n", type=int, default=None, help="first N validation subjects (by id)")
     ap.add_argument("--refine", default="0@0,10@0.03,5@0.05,6@0.05", help="comma list of steps@lr (0@0: no refinement)")
-    ap.add_argument("--affine", default=None, help="comma list of affine variants (default: all of affine_variants)")
+    ap.add_argument("--affine", default=",".join(VARIANTS),
+                    help="comma list of affine variants, e.g. mi40+4mm25+2mm3 (affine_schedule; default: VARIANTS)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
+    variants = {name: affine_schedule(name) for name in args.affine.split(",")}
 
     import torch
 
@@ -74,9 +73,6 @@ def main(argv: list[str] | None = None) -> int:
     split, source = common.split_ids(args.split, path)
     rows = common.pick_subjects(common.ixi_rows(common.data_folder(args.data)), split["validation"], args.n)
     refine = [(int(s), float(lr)) for s, lr in (item.split("@") for item in args.refine.split(","))]
-    variants = affine_variants()
-    if args.affine:
-        variants = {k: variants[k] for k in args.affine.split(",")}
     per: dict[str, dict[str, list[float]]] = {}
     for r in rows:
         brain, mask, truth = load_subject(r)
@@ -85,10 +81,10 @@ def main(argv: list[str] | None = None) -> int:
         tmpl = make_template(model, vec)
         _, norm = subject_brain(brain, mask_vol)
         line = [r["subject"]]
-        for name, levels in variants.items():
+        for name, (levels, candidates) in variants.items():
             t0 = time.process_time()
             world = affine.fit_affine(norm, brain.affine, tmpl.t1 * (tmpl.probs[0] < 0.5), tmpl.grid, levels=levels,
-                                      candidate_iterations=candidate_iterations(name))
+                                      candidate_iterations=candidates)
             t_aff = time.process_time() - t0
             for steps, lr in refine:
                 t0 = time.process_time()
