@@ -67,6 +67,7 @@ import numpy as np  # noqa: E402
 
 import common  # noqa: E402
 from atlasmorph_cli import labels  # noqa: E402
+from atlasmorph_cli.inference.refine_defaults import REFINE_LOSS  # noqa: E402
 from segmentation_cache import content_sha256, result_file, run_cached, save_result, task_key  # noqa: E402
 from segmentation_methods import prepare_mni  # noqa: E402
 
@@ -492,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="base seed of the random perturbations (default 0)")
     ap.add_argument("--threads", type=int, default=2, help="threads for torch and ITK (default 2)")
     ap.add_argument("--refine", type=int, default=None, help="steps of the 'atlasmorph' method (default: the CLI's)")
-    ap.add_argument("--refine-loss", default="model", help="image term of that refinement: 'model' (default) or 'ncc'")
+    ap.add_argument("--refine-loss", default=REFINE_LOSS,
+                    help=f"image term of that refinement: 'ncc' or 'model' (default: the CLI's, {REFINE_LOSS})")
     ap.add_argument("--cached-only", action="store_true", help="run nothing new: report what --results holds")
     args = ap.parse_args(argv)
 
@@ -547,7 +549,8 @@ def main(argv: list[str] | None = None) -> int:
                 "input_sha256": [content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
         if m in OURS:
             conditional = r.get("age") is not None and r.get("sex") is not None
-            extra = {"refine_loss": args.refine_loss} if m == "atlasmorph" and args.refine_loss != "model" else {}
+            ncc = m == "atlasmorph" and args.refine_loss != "model" and refine != 0  # the older keys otherwise
+            extra = {"refine_loss": args.refine_loss} if ncc else {}
             return {**base, "kind": "ours", "method": m, "model": str(Path(model_path).resolve()),
                     "refine": refine if m == "atlasmorph" else 0, "refine_lr": REFINE_LR, "conditional": conditional,
                     "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None, **extra}

@@ -50,6 +50,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common  # noqa: E402
+from atlasmorph_cli.inference.refine_defaults import REFINE_LOSS  # noqa: E402
 from segmentation_cache import result_file, run_cached  # noqa: E402
 from segmentation_methods import (  # noqa: E402
     ALL_METHODS, ANTS, ANTS_TRANSFORM, ANTS_WORKING_MM, DEFAULT_METHODS, NAMES, OURS, prepare_mni,
@@ -86,9 +87,9 @@ def parser() -> argparse.ArgumentParser:
                     help="run the ANTs methods on the first N of those subjects only (10-20 min each on 2 cores)")
     ap.add_argument("--refine", type=int, default=None,
                     help="instance-optimisation steps of the AtlasMorph methods (default: what `atlasmorph segment` does)")
-    ap.add_argument("--refine-loss", default="model",
-                    help="image term of that refinement: 'model' (the trained one, the default) or 'ncc' "
-                         "(`atlasmorph segment --refine-loss`)")
+    ap.add_argument("--refine-loss", default=REFINE_LOSS,
+                    help=f"image term of that refinement: 'ncc' or 'model' (the trained one); default: what "
+                         f"`atlasmorph segment` does ({REFINE_LOSS})")
     ap.add_argument("--cached-only", action="store_true",
                     help="run nothing new: report only the results the --results folder already holds")
     ap.add_argument("--results", type=Path, default=None,
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         base = {"threads": args.threads, "scratch": str(scratch), "subject": r["subject"], "t1": r["t1"], "seg": r["seg"]}
         if m in OURS:
             model = args.baseline if m == "atlasmorph-baseline" else model_path
-            extra = {"refine_loss": args.refine_loss} if args.refine_loss != "model" else {}  # keeps older keys
+            # no key for the model's own term, or without refinement: results cached before the switch stay valid
+            extra = {"refine_loss": args.refine_loss} if args.refine_loss != "model" and args.refine != 0 else {}
             return {**base, "kind": "ours", "method": m, "model": str(Path(model).resolve()), "refine": args.refine,
                     "refine_lr": REFINE_LR, "conditional": m == "atlasmorph",
                     "attrs": {"age": float(r["age"]), "sex": r["sex"]}, **extra}

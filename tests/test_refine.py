@@ -63,7 +63,8 @@ def test_ncc_refinement_ignores_the_subjects_intensity_scale():
 
 
 def test_refinement_loss_names(tmp_path):
-    """--refine-loss: 'model' keeps the model's own term; 'ncc' switches to local NCC; others are errors."""
+    """--refine-loss: 'ncc' (the default) is local NCC at weight 1; 'model' keeps the model's own term; others
+    are errors."""
     from synthetic import small_model
 
     from atlasmorph_cli.errors import AtlasMorphError
@@ -71,8 +72,9 @@ def test_refinement_loss_names(tmp_path):
     from atlasmorph_cli.model.model_file import load_model
 
     model = load_model(small_model(tmp_path / "m.safetensors"))
-    assert refine_weights(model)["image_loss"] == "mse" and refine_weights(model)["w_image"] == 100.0
+    assert refine_weights(model, "model")["image_loss"] == "mse" and refine_weights(model, "model")["w_image"] == 100.0
     assert refine_weights(model, "ncc")["image_loss"] == "ncc" and refine_weights(model, "ncc")["w_image"] == 1.0
+    assert refine_weights(model) == refine_weights(model, "ncc")
     with pytest.raises(AtlasMorphError):
         refine_weights(model, "nmi")
 

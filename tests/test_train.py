@@ -204,3 +204,29 @@ def test_volume_prior_makes_the_template_age_like_the_cohort(trained, cohort, tm
     young, old = _ventricle_volumes(load_model(out / "model.safetensors"))
     assert old / young > 1.3 * (old0 / young0), (young0, old0, young, old)
     assert load_model(out / "model.safetensors").config.loss_weights["volume"] == 10.0
+
+
+def test_warmup_ramps_the_learning_rate_and_resumes_on_the_same_schedule(cohort, trained, tmp_path):
+    """--warmup N: lr rises as lr*k/N over the run's first N steps; Adam's first step from --init moves no weight
+    by more than that step's lr (it moves every weight with a gradient by about lr: the fresh-Adam shock)."""
+    import csv
+
+    from atlasmorph_cli.training.loop import warmup_lr
+
+    assert [warmup_lr(1.0, k, 4) for k in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert warmup_lr(2e-3, 0, 0) == 2e-3
+    ref, init = small_reference(), trained / "model.safetensors"
+    one = tmp_path / "one"
+    train(settings(cohort, one, steps=1, lr=3e-3, warmup=10, init=init, template_deform=False), ref)
+    before, after = load_file(str(init)), load_file(str(one / "model.safetensors"))
+    moved = max(float((after[k].float() - before[k].float()).abs().max()) for k in before if k.startswith("reg_net."))
+    assert 0.5 * 3e-4 < moved <= 3e-4 * 1.001
+    part, straight = tmp_path / "part", tmp_path / "straight"
+    train(settings(cohort, straight, steps=6, warmup=4, init=init, template_deform=False), ref)
+    train(settings(cohort, part, steps=3, warmup=4, init=init, template_deform=False), ref)
+    train(settings(cohort, part, steps=6, warmup=4, init=init, template_deform=False, resume=True), ref)
+    lrs = [float(h["lr"]) for h in csv.DictReader(open(part / "history.csv"))]
+    assert lrs == pytest.approx([3e-3 * k / 4 for k in (1, 2, 3, 4)] + [3e-3] * 2)
+    a, b = load_file(str(straight / "model.safetensors")), load_file(str(part / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)

@@ -113,6 +113,8 @@ def train_command(
     steps: int = typer.Option(1500, min=1, help="Training steps."),
     batch_size: int = typer.Option(1, min=1, help="Subjects per step."),
     lr: float = typer.Option(1e-3, min=0.0, help="Adam learning rate."),
+    warmup: int = typer.Option(0, min=0, help="Steps over which the learning rate rises linearly to --lr, counted "
+                               "from the run's first step (use with --init: a fresh Adam's first steps are large)."),
     image_loss: str = typer.Option("mse", help="Image similarity: mse or ncc."),
     w_image: float = typer.Option(LossWeights.image, help="Weight: subject vs warped template (MSE: 1/sigma^2 with sigma 0.1; use ~1 with ncc)."),
     w_image_inverse: float = typer.Option(LossWeights.image_inverse, help="Weight: template vs subject warped to template."),
@@ -193,7 +195,7 @@ def train_command(
             raise AtlasMorphError("--device cuda: no CUDA device is available")
     names = [] if attributes.strip().lower() == "none" else [a.strip() for a in attributes.split(",") if a.strip()]
     settings = TrainSettings(
-        data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr,
+        data=data, out=out, attributes=names, steps=steps, batch_size=batch_size, lr=lr, warmup=warmup,
         weights=LossWeights(w_image, w_image_inverse, w_seg, w_smooth, w_centrality, w_magnitude, w_volume),
         image_loss=image_loss, val_fraction=val_fraction, split=split, val_every=val_every,
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,

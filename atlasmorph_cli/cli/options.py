@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import typer
 
-from ..inference.refine_defaults import REFINE_STEPS
+from ..inference.refine_defaults import REFINE_LOSS, REFINE_STEPS
 
 GROUP: Any = None  # the default of a group parameter (with_option_groups replaces it)
 
@@ -23,9 +23,9 @@ ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); 
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
 RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
                          "for this subject (Adam, lr 0.05; about 0.1 s each; 0: the network's warp as is).")
-RefineLossOpt = typer.Option("model", "--refine-loss", help="Image term of the refinement: 'model' (the one the "
-                             "model was trained with; MSE for the shipped model) or 'ncc' (local NCC: robust to "
-                             "another scanner's contrast; about 1.5 s of CPU more per subject; docs/ood.md).")
+RefineLossOpt = typer.Option(REFINE_LOSS, "--refine-loss", help="Image term of the refinement: 'ncc' (local NCC, "
+                             "robust to another scanner's contrast and scaling; docs/ood.md) or 'model' (the term "
+                             "the model was trained with, MSE for the shipped model; a little faster).")
 AgeOpt = typer.Option(None, "--age", help="Age in years.")
 SexOpt = typer.Option(None, "--sex", help="Sex: F or M.")
 AttrOpt = typer.Option(None, "--attr", help="Other model attribute as NAME=VALUE (repeatable).")

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import AtlasMorphError
-from ..inference.refine_defaults import REFINE_STEPS
+from ..inference.refine_defaults import REFINE_LOSS, REFINE_STEPS
 
 if TYPE_CHECKING:  # the bids package reads images (nibabel): not imported for --help
     from ..bids import BidsSelection
@@ -52,7 +52,7 @@ class SubjectRequest:
     mask: Path | None = None
     skullstripped: bool = False
     refine: int = REFINE_STEPS
-    refine_loss: str = "model"  # --refine-loss: the refinement's image term (inference.refine.REFINE_LOSSES)
+    refine_loss: str = REFINE_LOSS  # --refine-loss: the refinement's image term (refine_defaults.REFINE_LOSSES)
     warp_format: str = "fs"
     model_path: Path | None = None
     threads: int | None = None

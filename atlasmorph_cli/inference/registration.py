@@ -24,7 +24,7 @@ from ..model.layers import jacobian_determinant, sample_at
 from ..model.networks import velocity_to_displacements
 from ..errors import AtlasMorphError
 from .refine import refine_velocity
-from .refine_defaults import NCC_REFINE_WEIGHT, REFINE_LOSSES, REFINE_LR, REFINE_STEPS
+from .refine_defaults import NCC_REFINE_WEIGHT, REFINE_LOSS, REFINE_LOSSES, REFINE_LR, REFINE_STEPS
 from .template import Template, make_template
 from ..geometry.space import Grid, grid_coords, resample, voxel_map
 
@@ -177,7 +177,7 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 @torch.no_grad()
 def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | None, mask: Volume | None = None,
              refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR, template: Template | None = None,
-             refine_loss: str = "model", world: np.ndarray | None = None) -> Registration:
+             refine_loss: str = REFINE_LOSS, world: np.ndarray | None = None) -> Registration:
     """Affine + deformable registration of a subject to its attribute-matched template (or to `template`,
     e.g. one read by --template or one being built); `refine` > 0 adds that many instance-optimisation
     steps (Adam, `refine_lr`, image term `refine_loss`) on the RegNet's velocity (inference.refine).
@@ -196,9 +196,9 @@ def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | N
     return Registration(tmpl, world, fwd[0], inv[0], subject, brain, vel[0])
 
 
-def refine_weights(model: AtlasMorph, loss: str = "model") -> dict:
-    """Refinement terms: the image loss and weights the model was trained with ("model"; defaults if
-    unrecorded), or local NCC at weight NCC_REFINE_WEIGHT ("ncc"), with the model's smoothness weight."""
+def refine_weights(model: AtlasMorph, loss: str = REFINE_LOSS) -> dict:
+    """Refinement terms: local NCC at weight NCC_REFINE_WEIGHT ("ncc"), or the image loss and weights the model
+    was trained with ("model"; defaults if unrecorded), with the model's smoothness weight."""
     if loss not in REFINE_LOSSES:
         raise AtlasMorphError(f"unknown refinement loss '{loss}' (choose from {', '.join(REFINE_LOSSES)})")
     w = {**asdict(LossWeights()), **(model.config.loss_weights or {})}

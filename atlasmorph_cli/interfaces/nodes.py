@@ -99,9 +99,9 @@ class _SubjectInputSpec(_ModelInputSpec):
     qc_file = _on_request("--qc %s", "%s_qc.png", "QC picture (three planes, outlines, score)", name_source="in_file")
     strict = traits.Bool(argstr="--strict", desc="fail the node (exit code 3) when the subject fails the quality check")
     refine = traits.Range(low=0, argstr="--refine %d",
-                          desc="instance-optimisation steps on the network's warp (default: the command's, 10)")
-    refine_loss = traits.Enum("model", "ncc", argstr="--refine-loss %s",
-                              desc="image term of the refinement: the model's own, or local NCC (other scanners)")
+                          desc="instance-optimisation steps on the network's warp (default: the command's, 5)")
+    refine_loss = traits.Enum("ncc", "model", argstr="--refine-loss %s",
+                              desc="image term of the refinement: local NCC (the command's default) or the model's own")
     template = File(exists=True, argstr="--template %s", requires=["template_labels"], xor=["age", "sex", "attributes"],
                     desc="template T1 in MNI space (e.g. Build's out_file) instead of the model's conditional template")
     template_labels = File(exists=True, argstr="--template-labels %s", requires=["template"],

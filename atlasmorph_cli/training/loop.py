@@ -48,6 +48,7 @@ class TrainSettings:
     steps: int = 1500
     batch_size: int = 1
     lr: float = 1e-3
+    warmup: int = 0  # steps over which the lr rises linearly to `lr` (a run --init from a model: fresh Adam moments)
     weights: LossWeights = field(default_factory=LossWeights)
     image_loss: str = "mse"
     val_fraction: float = 0.15
@@ -207,8 +208,6 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     step, history = 0, []
     if s.resume:  # its presence was checked before the cohort was prepared
         step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
-        for group in optimizer.param_groups:  # --lr on --resume anneals; the same --lr continues exactly
-            group["lr"] = s.lr
     elif deform:
         model.template_net.set_attribute_range(tr_attr.to(device))
         fill_shape_memory(model, tr_t1, tr_attr, memory, my_idx)
@@ -220,6 +219,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     with progress_bar(s.quiet or rank != 0, cols) as bar:
         task = bar.add_task("training", total=s.steps, completed=step, info="")
         while step < s.steps:
+            for group in optimizer.param_groups:  # --lr on --resume anneals; the same --lr continues exactly
+                group["lr"] = warmup_lr(s.lr, step, s.warmup)
             pick = my_idx[torch.randint(len(my_idx), (s.batch_size,), generator=gen)]
             x = tr_t1[pick, None]
             x_seen = augment(x, gen, aug_settings) if s.augment else x
@@ -260,6 +261,14 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     if world > 1:
         dist.barrier()
     return final
+
+
+def warmup_lr(lr: float, step: int, warmup: int) -> float:
+    """The learning rate of 0-based `step`: rising linearly from lr/warmup to lr over the run's first `warmup`
+    steps (counted from the run's start, so a resumed run continues the same schedule), then `lr`.
+    Adam's first steps, with fresh moment estimates, move every parameter by about lr: from a trained
+    model (--init) that undoes part of it (docs/conditioning.md, the fresh-Adam shock)."""
+    return lr * min(1.0, (step + 1) / warmup) if warmup > 0 else lr
 
 
 def write_history(path: Path, history: list[dict]) -> None:
