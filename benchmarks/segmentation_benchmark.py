@@ -56,7 +56,8 @@ from segmentation_methods import (  # noqa: E402
     ALL_METHODS, ANTS, ANTS_TRANSFORM, ANTS_WORKING_MM, DEFAULT_METHODS, NAMES, OURS, prepare_mni,
 )
 from segmentation_report import boxplot, console_summary, markdown  # noqa: E402
-from segmentation_summary import AGE_GROUPS, age_group, paired_subjects, side_by_side, summarise  # noqa: E402
+from segmentation_summary import (  # noqa: E402
+    AGE_GROUPS, age_group, paired_subjects, side_by_side, summarise, template_gain)
 
 SHORT = {"atlasmorph": "ours", "atlasmorph-average": "avg", "atlasmorph-baseline": "uncond",
          "ants-syncc-mni": "SyNCC-MNI", "ants-syncc-built": "SyNCC-built"}
@@ -262,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         "paired_subjects": [r["subject"] for r in paired],
         "paired_summary": summarise(paired, methods),
         "side_by_side": side_by_side(per_subject, methods),
+        "template_gain": template_gain(per_subject),
         "notes": notes,
         "subjects": per_subject,
     })

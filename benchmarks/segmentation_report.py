@@ -27,6 +27,11 @@ def _pm(s: dict, fmt: str = ".3f") -> str:
     return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}"
 
 
+def _loss_name(loss: str | None) -> str:
+    """The refinement's image term as the report names it (results before the option existed used the model's)."""
+    return "local NCC (`--refine-loss ncc`)" if loss == "ncc" else "the model's own (`--refine-loss model`)"
+
+
 def markdown(res: dict) -> str:
     """The report page (segmentation.md) of a benchmark result."""
     s, methods = res["summary"], res["methods"]
@@ -44,7 +49,8 @@ def markdown(res: dict) -> str:
         "- **AtlasMorph (age, sex)**: `register_subject` + `Registration.labels_to_native` with the subject's true",
         "  age and sex, i.e. what `atlasmorph segment brain.nii.gz --mask seg.nii.gz --age A --sex S` computes"
         + (f", with {res['refine']} instance-optimisation steps (lr {res['refine_lr']:g}) on the network's velocity"
-           f" (`--refine {res['refine']}`)." if res.get("refine") else ", the network's warp as is (`--refine 0`)."),
+           f" (`--refine {res['refine']}`), image term {_loss_name(res.get('refine_loss'))}."
+           if res.get("refine") else ", the network's warp as is (`--refine 0`)."),
         "- **AtlasMorph, average template**: the same model without attributes (mean age, equal sex mix).",
         "- **AtlasMorph, unconditional model**: a model trained with `--attributes none` (when given).",
         f"- **ANTs SyNCC to MNI152**: `ants.registration(fixed=subject, moving=MNI152 brain, type_of_transform='{res['ants_transform']}')`",
@@ -133,6 +139,22 @@ def markdown(res: dict) -> str:
     for m in methods:
         cells = [f"{_pm(s[m]['dice_by_age_group'][g], '.4f')} ({s[m]['dice_by_age_group'][g]['n']})" for g in res["age_groups"]]
         lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
+    gain = res.get("template_gain")
+    if gain:
+        groups = list(gain)
+        lines += ["", "## Matched minus average template (paired, mean over subjects)", "",
+                  "What the attribute-matched template buys over the population-average one of the same model: overall, "
+                  "and the 8 structures with the largest change in each direction at 60 and over.", "",
+                  "| | " + " | ".join(f"{g} (n = {gain[g]['n']})" for g in groups) + " |", "|---|" + "---|" * len(groups),
+                  "| mean Dice | " + " | ".join(f"{gain[g]['dice']['mean']:+.4f}" if gain[g]["n"] else "–" for g in groups) + " |",
+                  "| subjects where matched is higher | " + " | ".join(f"{gain[g]['a_higher']} of {gain[g]['n']}" for g in groups) + " |",
+                  "| mean displacement (mm; < 0: matched is closer) | "
+                  + " | ".join(f"{gain[g]['mean_disp_mm']['mean']:+.3f}" if gain[g]["mean_disp_mm"]["n"] else "–" for g in groups) + " |"]
+        old = gain.get(">=60", {}).get("per_structure") or {}
+        ranked = sorted((n for n in old if old[n] is not None), key=lambda n: old[n])
+        for n in ranked[-8:][::-1] + ranked[:8]:
+            cells = [f"{gain[g]['per_structure'][n]:+.4f}" if gain[g]["per_structure"].get(n) is not None else "–" for g in groups]
+            lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", "## Dice per structure (mean ± std over subjects)", "",
               "| structure | " + " | ".join(LABEL[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
     for n in res["structures"]:

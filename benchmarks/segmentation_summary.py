@@ -91,3 +91,27 @@ def side_by_side(subjects: list[dict], methods: list[str]) -> dict:
                   "wins": wins(both, ours + [a]), "ratios": ratios(summ, a)}
     return out
 
+
+
+def template_gain(subjects: list[dict], a: str = "atlasmorph", b: str = "atlasmorph-average") -> dict | None:
+    """What the attribute-matched template buys over the average one (issue 14): per age group, the paired
+    mean over subjects of Dice(a) - Dice(b), overall and per structure (a structure absent from a subject
+    is skipped there), and of the mean displacement (closer = negative); the subjects where `a` has the higher
+    Dice. None unless both methods ran on some subject."""
+    both = paired_subjects(subjects, [a, b])
+    if not both:
+        return None
+    out = {}
+    for g in [name for name, _, _ in AGE_GROUPS] + ["all"]:
+        grp = [s for s in both if g == "all" or age_group(s["age"]) == g]
+        ra, rb = [s["methods"][a] for s in grp], [s["methods"][b] for s in grp]
+        per = {}
+        for n in NAMES:
+            d = [x["dice_per_structure"][n] - y["dice_per_structure"][n] for x, y in zip(ra, rb)
+                 if x["dice_per_structure"].get(n) is not None and y["dice_per_structure"].get(n) is not None]
+            per[n] = float(np.mean(d)) if d else None
+        out[g] = {"n": len(grp), "dice": stats([x["dice"] - y["dice"] for x, y in zip(ra, rb)]),
+                  "a_higher": sum(x["dice"] > y["dice"] for x, y in zip(ra, rb)), "per_structure": per,
+                  "mean_disp_mm": stats([x.get("mean_disp_mm") - y.get("mean_disp_mm") for x, y in zip(ra, rb)
+                                         if x.get("mean_disp_mm") is not None and y.get("mean_disp_mm") is not None])}
+    return out

@@ -233,3 +233,27 @@ def test_boxplot_labels_count_subjects_per_method(tmp_path):
         **({"ants-syncc-mni": {"dice": 0.77, "dice_per_structure": dps}} if i < 2 else {})}} for i in range(4)]
     out = segmentation_report.boxplot({"methods": ["atlasmorph", "ants-syncc-mni"], "subjects": subjects}, tmp_path / "b.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_template_gain_is_the_paired_difference_per_age_group_and_structure():
+    """Matched minus average template: paired per subject, per age group and structure; a structure missing in
+    one subject is left out there; without both methods there is nothing to report."""
+    names = segmentation_methods.NAMES
+
+    def subj(name, age, matched, average, missing=None):
+        def rec(d):
+            return {"dice": d, "dice_per_structure": {n: (None if n == missing else d) for n in names},
+                    "mean_disp_mm": 2.0 - d}
+        return {"subject": name, "age": age, "methods": {"atlasmorph": rec(matched), "atlasmorph-average": rec(average)}}
+
+    subjects = [subj("y", 30.0, 0.80, 0.79), subj("o1", 70.0, 0.82, 0.80, missing=names[0]), subj("o2", 65.0, 0.78, 0.79),
+                {"subject": "x", "age": 70.0, "methods": {"atlasmorph": {"dice": 0.9}}}]  # average not run: not paired
+    g = segmentation_summary.template_gain(subjects)
+    assert g[">=60"]["n"] == 2 and g[">=60"]["a_higher"] == 1
+    assert g[">=60"]["dice"]["mean"] == pytest.approx(0.005)
+    assert g[">=60"]["mean_disp_mm"]["mean"] == pytest.approx(-0.005)
+    assert g[">=60"]["per_structure"][names[0]] == pytest.approx(-0.01)  # o2 only
+    assert g[">=60"]["per_structure"][names[1]] == pytest.approx(0.005)
+    assert g["<40"]["dice"]["mean"] == pytest.approx(0.01) and g["40-60"]["n"] == 0
+    assert g["all"]["n"] == 3 and g["all"]["dice"]["mean"] == pytest.approx((0.01 + 0.02 - 0.01) / 3)
+    assert segmentation_summary.template_gain([subjects[-1]]) is None
