@@ -1,8 +1,9 @@
 """Instance optimisation: a few gradient steps on one subject's velocity field, started from the RegNet's.
 
-The network predicts a velocity in one pass; refining that velocity for the subject at hand against the
-same image and smoothness terms the network was trained with sharpens the alignment the network left
-coarse, at the cost of a few seconds (no labels are needed at test time).
+The network predicts a velocity in one pass; refining that velocity for the subject at hand against an
+image term (local NCC by default, or the one the network was trained with) and the trained smoothness term
+sharpens the alignment the network left coarse, at the cost of about a second (no labels are needed at test
+time).
 """
 from __future__ import annotations
 
