@@ -126,22 +126,29 @@ def box_mean(x: torch.Tensor, window: int, *, border: str = "shrink") -> torch.T
 
     The one box filter of the local-NCC measures (losses.local_ncc, quality's NCC, the affine's local NCC);
     `border` says what a box reaching past the volume averages, and is part of each measure's numbers:
-    "shrink": only its in-volume voxels (x is (C,X,Y,Z) or (B,C,X,Y,Z)). The in-volume part of a box is
-    a product of one interval per axis, so its mean is three 1-D means, one axis after the other: 3 window
-    taps per voxel instead of window^3 (12x faster for 9^3 than one 3-D average pooling, the same numbers up
-    to float rounding);
-    "zero": zeros outside, divided by window^3 (running sums along each axis; any leading axes). This one
-    is self-adjoint, which the affine's analytic gradient relies on.
+    "shrink": only its in-volume voxels. The in-volume part of a box is a product of one interval per axis,
+    so its mean is the zero-padded box sum divided by the product of the three in-volume counts (the same
+    numbers as a 3-D average pooling without the padding, to float rounding);
+    "zero": zeros outside, divided by window^3. Both use running sums along each axis (any leading axes):
+    two subtractions per voxel and axis whatever the window, about 4x faster with its backward than three
+    1-D average poolings. "zero" is self-adjoint, which the affine's analytic gradient relies on.
     """
     if window % 2 != 1:
         raise ValueError("window must be odd")
-    if border == "shrink":
-        out = x
-        for kernel in ((window, 1, 1), (1, window, 1), (1, 1, window)):
-            out = F.avg_pool3d(out, kernel, stride=1, padding=tuple(k // 2 for k in kernel), count_include_pad=False)
-        return out
-    if border != "zero":
+    if border not in BOX_BORDERS:
         raise ValueError(f"border must be one of {BOX_BORDERS}, got {border!r}")
+    total = _box_sum(x, window)
+    if border == "zero":
+        return total / float(window**3)
+    r = window // 2
+    counts = [(torch.arange(n, device=x.device).clamp(max=n - 1 - r) + r + 1
+               - (torch.arange(n, device=x.device) - r).clamp(min=0)).to(x.dtype) for n in x.shape[-3:]]
+    count = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
+    return total / count
+
+
+def _box_sum(x: torch.Tensor, window: int) -> torch.Tensor:
+    """Sum over window^3 boxes of the last three axes, zeros outside (running sums, one axis at a time)."""
     radius, out = window // 2, x
     for axis in range(x.dim() - 3, x.dim()):
         n = out.shape[axis]
@@ -149,4 +156,4 @@ def box_mean(x: torch.Tensor, window: int, *, border: str = "shrink") -> torch.T
         pad[-2], pad[-1] = radius + 1, radius
         c = F.pad(out, pad).cumsum(axis)
         out = c.narrow(axis, window, n) - c.narrow(axis, 0, n)
-    return out / float(window**3)
+    return out
