@@ -283,9 +283,10 @@ def test_registration_with_a_kept_affine_is_register_subjects(data_dir, ixi_rows
     kept = register_subject(model, subj, None, mask, refine=3, template=template, world=first.world)
     assert torch.equal(kept.velocity, first.velocity) and np.array_equal(kept.world, first.world)
     # _on_grid on the template grid itself is Registration.subject_to_template; on a 3x finer box of it,
-    # every third point is a template voxel and gets the same value
+    # every third point is a template voxel and gets the same value (float32 rounding of two composition orders of
+    # the same map: up to 1.5e-5 in [0, 1] intensities with v2's warp, so both checks allow 1e-4)
     moved = first.subject_to_template()
-    assert np.allclose(_on_grid(first, template.grid), moved, atol=1e-5)
+    assert np.allclose(_on_grid(first, template.grid), moved, atol=1e-4)
     box = Grid((30, 30, 30), template.grid.affine @ np.diag([1 / 3, 1 / 3, 1 / 3, 1.0]) @ _shift(60.0))
     assert np.allclose(_on_grid(first, box)[::3, ::3, ::3], moved[20:30, 20:30, 20:30], atol=1e-4)
 
