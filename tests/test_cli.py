@@ -19,8 +19,12 @@ def test_help_lists_subcommands():
 
 
 def test_version():
+    from atlasmorph_cli.model.shipped import resolve_model, shipped_models
+
     r = run("--version")
     assert r.returncode == 0 and r.stdout.startswith("atlasmorph ")
+    if shipped_models():  # it names the model the commands use without --model
+        assert f"default {resolve_model(None).stem})" in r.stdout
 
 
 @pytest.mark.parametrize("args,msg", [

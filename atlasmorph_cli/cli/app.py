@@ -50,8 +50,9 @@ def _version(value: bool) -> None:
     if value:
         from ..model.shipped import shipped_models
 
-        models = ", ".join(p.stem for p in shipped_models()) or "none"
-        typer.echo(f"atlasmorph {__version__} (shipped model: {models})")
+        found = shipped_models()  # the newest (last) is the default
+        models = ", ".join(p.stem for p in found) + f"; default {found[-1].stem}" if found else "none"
+        typer.echo(f"atlasmorph {__version__} (shipped models: {models})")
         raise typer.Exit()
 
 
