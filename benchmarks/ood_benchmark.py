@@ -68,7 +68,8 @@ import numpy as np  # noqa: E402
 import common  # noqa: E402
 from atlasmorph_cli import labels  # noqa: E402
 from atlasmorph_cli.inference.refine_defaults import REFINE_LOSS  # noqa: E402
-from segmentation_cache import content_sha256, result_file, run_cached, save_result, task_key  # noqa: E402
+from segmentation_cache import (  # noqa: E402
+    content_sha256, refine_loss_entry, result_file, run_cached, save_result, task_key)
 from segmentation_methods import prepare_mni  # noqa: E402
 
 GENERATOR_VERSION = 2  # bump when a perturbation changes (the content keys change anyway)
@@ -549,11 +550,11 @@ def main(argv: list[str] | None = None) -> int:
                 "input_sha256": [content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
         if m in OURS:
             conditional = r.get("age") is not None and r.get("sex") is not None
-            ncc = m == "atlasmorph" and args.refine_loss != "model" and refine != 0  # the older keys otherwise
-            extra = {"refine_loss": args.refine_loss} if ncc else {}
+            steps = refine if m == "atlasmorph" else 0
             return {**base, "kind": "ours", "method": m, "model": str(Path(model_path).resolve()),
-                    "refine": refine if m == "atlasmorph" else 0, "refine_lr": REFINE_LR, "conditional": conditional,
-                    "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None, **extra}
+                    "refine": steps, "refine_lr": REFINE_LR, "conditional": conditional,
+                    "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None,
+                    **refine_loss_entry(args.refine_loss, steps)}
         return {**base, "kind": "ants", "method": m, "transform": ANTS_TRANSFORMS[m],
                 "template": str(mni_t1), "template_labels": str(mni_labels)}
 

@@ -51,7 +51,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import common  # noqa: E402
 from atlasmorph_cli.inference.refine_defaults import REFINE_LOSS  # noqa: E402
-from segmentation_cache import result_file, run_cached  # noqa: E402
+from segmentation_cache import refine_loss_entry, result_file, run_cached  # noqa: E402
 from segmentation_methods import (  # noqa: E402
     ALL_METHODS, ANTS, ANTS_TRANSFORM, ANTS_WORKING_MM, DEFAULT_METHODS, NAMES, OURS, prepare_mni,
 )
@@ -160,11 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         base = {"threads": args.threads, "scratch": str(scratch), "subject": r["subject"], "t1": r["t1"], "seg": r["seg"]}
         if m in OURS:
             model = args.baseline if m == "atlasmorph-baseline" else model_path
-            # no key for the model's own term, or without refinement: results cached before the switch stay valid
-            extra = {"refine_loss": args.refine_loss} if args.refine_loss != "model" and args.refine != 0 else {}
             return {**base, "kind": "ours", "method": m, "model": str(Path(model).resolve()), "refine": args.refine,
                     "refine_lr": REFINE_LR, "conditional": m == "atlasmorph",
-                    "attrs": {"age": float(r["age"]), "sex": r["sex"]}, **extra}
+                    "attrs": {"age": float(r["age"]), "sex": r["sex"]}, **refine_loss_entry(args.refine_loss, args.refine)}
         tmpl = (mni_t1, mni_labels) if m == "ants-syncc-mni" else built
         return {**base, "kind": "ants", "method": m, "transform": args.ants_transform,
                 "template": str(tmpl[0]), "template_labels": str(tmpl[1])}

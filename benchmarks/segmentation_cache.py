@@ -60,6 +60,12 @@ def task_key(task: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def refine_loss_entry(loss: str, refine: int) -> dict:
+    """The task entry of the refinement's image term: none for the model's own term or without refinement,
+    so results cached before --refine-loss existed (or before NCC became the default) keep their keys."""
+    return {"refine_loss": loss} if loss != "model" and refine != 0 else {}
+
+
 def producer(task: dict) -> str:
     """The folder name of the file that produced a task's result: 'model-<sha12>' or 'template-<sha12>'."""
     for k in ("model", "template"):

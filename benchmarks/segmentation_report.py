@@ -141,16 +141,16 @@ def markdown(res: dict) -> str:
         lines.append(f"| {LABEL[m]} | " + " | ".join(cells) + " |")
     gain = res.get("template_gain")
     if gain:
-        groups = list(gain)
+        groups, oldest = list(gain), res["age_groups"][-1]
         lines += ["", "## Matched minus average template (paired, mean over subjects)", "",
                   "What the attribute-matched template buys over the population-average one of the same model: overall, "
-                  "and the 8 structures with the largest change in each direction at 60 and over.", "",
+                  f"and the 8 structures with the largest change in each direction in the oldest group ({oldest}).", "",
                   "| | " + " | ".join(f"{g} (n = {gain[g]['n']})" for g in groups) + " |", "|---|" + "---|" * len(groups),
                   "| mean Dice | " + " | ".join(f"{gain[g]['dice']['mean']:+.4f}" if gain[g]["n"] else "–" for g in groups) + " |",
                   "| subjects where matched is higher | " + " | ".join(f"{gain[g]['a_higher']} of {gain[g]['n']}" for g in groups) + " |",
                   "| mean displacement (mm; < 0: matched is closer) | "
                   + " | ".join(f"{gain[g]['mean_disp_mm']['mean']:+.3f}" if gain[g]["mean_disp_mm"]["n"] else "–" for g in groups) + " |"]
-        old = gain.get(">=60", {}).get("per_structure") or {}
+        old = gain.get(oldest, {}).get("per_structure") or {}
         ranked = sorted((n for n in old if old[n] is not None), key=lambda n: old[n])
         for n in ranked[-8:][::-1] + ranked[:8]:
             cells = [f"{gain[g]['per_structure'][n]:+.4f}" if gain[g]["per_structure"].get(n) is not None else "–" for g in groups]

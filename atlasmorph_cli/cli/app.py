@@ -48,10 +48,10 @@ ImageArg = typer.Argument(..., help="T1 image, any orientation: whole-head (more
 
 def _version(value: bool) -> None:
     if value:
-        from ..model.shipped import shipped_models
+        from ..model.shipped import resolve_model, shipped_models
 
-        found = shipped_models()  # the newest (last) is the default
-        models = ", ".join(p.stem for p in found) + f"; default {found[-1].stem}" if found else "none"
+        found = shipped_models()
+        models = ", ".join(p.stem for p in found) + f"; default {resolve_model(None).stem}" if found else "none"
         typer.echo(f"atlasmorph {__version__} (shipped models: {models})")
         raise typer.Exit()
 

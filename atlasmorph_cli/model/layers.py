@@ -141,8 +141,8 @@ def box_mean(x: torch.Tensor, window: int, *, border: str = "shrink") -> torch.T
     if border == "zero":
         return total / float(window**3)
     r = window // 2
-    counts = [(torch.arange(n, device=x.device).clamp(max=n - 1 - r) + r + 1
-               - (torch.arange(n, device=x.device) - r).clamp(min=0)).to(x.dtype) for n in x.shape[-3:]]
+    idx = [torch.arange(n, device=x.device) for n in x.shape[-3:]]  # a box covers [i - r, i + r] of [0, n - 1]
+    counts = [((i + r).clamp(max=len(i) - 1) - (i - r).clamp(min=0) + 1).to(x.dtype) for i in idx]
     count = counts[0][:, None, None] * counts[1][None, :, None] * counts[2][None, None, :]
     return total / count
 
