@@ -13,6 +13,7 @@ from atlasmorph_cli.model.layers import (
     jacobian_determinant,
     resize_field,
     sample_at,
+    splat_weights,
     warp,
 )
 
@@ -143,3 +144,27 @@ def test_box_mean_shrink_equals_3d_average_pooling_with_gradients():
     assert torch.allclose(gx, gx_ref, atol=1e-6)
     assert torch.allclose(box_mean(x[0], 5), F.avg_pool3d(x[0], 5, stride=1, padding=2, count_include_pad=False),
                           atol=1e-6)
+
+
+def test_splat_weights_of_one_point_are_its_trilinear_weights():
+    """A point at (1.5, 2, 0.25) gives its 8 corners 0.5 x 1 x (0.75 or 0.25); a point outside gives nothing."""
+    w = splat_weights(torch.tensor([[1.5, 9.0], [2.0, 0.0], [0.25, 0.0]]), (4, 5, 3))
+    expect = torch.zeros(4, 5, 3)
+    expect[1, 2, 0] = expect[2, 2, 0] = 0.5 * 0.75
+    expect[1, 2, 1] = expect[2, 2, 1] = 0.5 * 0.25
+    torch.testing.assert_close(w, expect)
+
+
+def test_splat_weights_is_the_adjoint_of_sampling_with_zero_padding():
+    """sum_n sample_at(v, c)[n] = sum_x v(x) W(x) for any volume v, with points inside, on the border and
+    outside the grid (a running total added over two calls)."""
+    shape = (6, 7, 5)
+    g = torch.Generator().manual_seed(3)
+    coords = torch.rand(3, 500, generator=g, dtype=torch.float64) * torch.tensor([9.0, 10.0, 8.0]).view(3, 1).double()
+    coords -= 1.5
+    coords[:, :4] = torch.tensor([[0.0, 5.0, -1.0, 5.5], [0.0, 6.0, 3.0, 3.0], [0.0, 4.0, 2.0, 2.0]]).double()
+    v = torch.rand(1, 1, *shape, generator=g, dtype=torch.float64)
+    sampled = sample_at(v, coords.view(1, 3, -1, 1, 1), padding_mode="zeros").sum()
+    total = splat_weights(coords[:, :250], shape)
+    splat_weights(coords[:, 250:], shape, out=total)
+    torch.testing.assert_close((v[0, 0] * total).sum(), sampled)

@@ -20,7 +20,7 @@ from ..io.stream import save_frames
 from ..labels import to_freesurfer
 from ..model.loss_weights import LossWeights
 from ..model.model_file import AtlasMorph
-from ..model.layers import jacobian_determinant, sample_at
+from ..model.layers import jacobian_determinant, sample_at, splat_weights
 from ..model.networks import velocity_to_displacements
 from ..errors import AtlasMorphError
 from .refine import refine_velocity
@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # imported where used: geometry.transforms imports scipy (0.2
     from ..geometry.transforms import AffineTransform, DisplacementField
 
 CHUNK_VOXELS = 1 << 20  # native outputs are computed in slabs of about a million voxels
+BACKGROUND_SURE = 0.501  # labels_to_native: background wins wherever every corner is this sure (0.5 + float slack)
 
 
 # ----------------------------------------------------------------------------------------- register
@@ -89,18 +90,32 @@ class Registration:
         return out if vol.ndim == 4 else out[0]
 
     def labels_to_native(self) -> tuple[np.ndarray, np.ndarray]:
-        """Hard FreeSurfer labels and per-class probability sums (for volumes) in native space."""
-        # channels-last: the 35 classes of a voxel lie together in memory, which makes the trilinear sampling of
-        # every class about 2x faster (same numbers)
-        probs = torch.from_numpy(self.template.probs)[None].contiguous(memory_format=torch.channels_last_3d)
-        labels = np.zeros(self.subject.shape, dtype=np.int32)
-        sums = np.zeros(probs.shape[1])
-        for rows in _slabs(self.subject.shape, probs.shape[1]):
-            c = self.native_to_template_coords(self.subject.shape, self.subject.affine, rows)
-            p = sample_at(probs, c, padding_mode="zeros")[0]
+        """Hard FreeSurfer labels and per-class probability sums (for volumes) in native space.
+
+        The same numbers as sampling all 35 classes at every native voxel, at a fraction of the cost:
+        a voxel whose trilinear corners all have background probability >= BACKGROUND_SURE is background
+        (no class can outscore it), so only the others are sampled in every class; and the sums, by
+        linearity of the sampling, are sum_x p(x) W(x) over the template grid, W the native voxels'
+        summed weights (layers.splat_weights).
+        """
+        probs = torch.from_numpy(self.template.probs)
+        unsure = (probs[0] < BACKGROUND_SURE).float()[None, None]  # corners where a structure could win
+        probs_cl = probs[None].contiguous(memory_format=torch.channels_last_3d)  # classes of a voxel together
+        shape = self.subject.shape
+        labels = np.zeros(shape, dtype=np.int32)
+        weight = torch.zeros(probs.shape[1:])
+        for rows in _slabs(shape):
+            c = self.native_to_template_coords(shape, self.subject.affine, rows)
+            splat_weights(c[0].reshape(3, -1), probs.shape[1:], out=weight)
+            at = (sample_at(unsure, c, padding_mode="zeros")[0, 0] > 0).nonzero(as_tuple=True)
+            if len(at[0]) == 0:
+                continue
+            points = c[0][:, at[0], at[1], at[2]][None, :, :, None, None]  # (1, 3, n, 1, 1)
+            p = sample_at(probs_cl, points, padding_mode="zeros")[0, :, :, 0, 0]
             p[0] += 1.0 - p.sum(0)  # outside the template grid counts as background
-            labels[rows] = to_freesurfer(p.max(0).indices.numpy())  # = argmax(0) (first maximum), 3x faster
-            sums += p.sum((1, 2, 3)).double().numpy()
+            labels[rows][tuple(i.numpy() for i in at)] = to_freesurfer(p.max(0).indices.numpy())  # argmax, 3x faster
+        sums = (probs.reshape(len(probs), -1).double() @ weight.reshape(-1).double()).numpy()  # float32 loses 1e-3
+        sums[0] += float(np.prod(shape)) - sums.sum()  # what falls outside the grid is background
         return labels, sums
 
     def probs_to_native(self) -> np.ndarray:

@@ -63,6 +63,32 @@ def _n_slabs(batch: int, x_out: int, device: torch.device) -> int:
     return next(k for k in range(want, 0, -1) if x_out % k == 0)
 
 
+def splat_weights(coords: torch.Tensor, shape: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
+    """The adjoint of trilinear sampling at voxel coordinates coords (3, N), zeros outside: W (X, Y, Z) with
+    sum_n sample_at(v, coords)[n] = sum_x v(x) W(x) for every volume v of `shape`.
+
+    W(x) is the total trilinear weight that the N points give voxel x. It turns a sum over many sampled
+    points into one weighted sum over the (smaller) grid. Added into `out` when given (a running total).
+    """
+    x, y, z = (int(n) for n in shape)
+    y2, z2 = y + 2, z + 2  # a one-voxel border, so that the corners of any point in [-1, n] are in range
+    total = torch.zeros((x + 2) * y2 * z2, dtype=coords.dtype, device=coords.device)
+    f = coords.floor()
+    w1 = coords - f
+    hi = torch.tensor([x - 1, y - 1, z - 1], dtype=coords.dtype, device=coords.device).view(3, 1)
+    keep = ((f >= -1) & (f <= hi)).all(0)  # any other point has no corner inside the grid
+    f, w1 = f[:, keep].long() + 1, w1[:, keep]
+    w0 = 1.0 - w1
+    base = (f[0] * y2 + f[1]) * z2 + f[2]
+    for dx in (0, 1):
+        for dy in (0, 1):
+            wxy = (w1[0] if dx else w0[0]) * (w1[1] if dy else w0[1])
+            for dz in (0, 1):
+                total.index_add_(0, base + ((dx * y2 + dy) * z2 + dz), wxy * (w1[2] if dz else w0[2]))
+    inner = total.view(x + 2, y2, z2)[1:-1, 1:-1, 1:-1]
+    return inner.clone() if out is None else out.add_(inner)
+
+
 def warp(
     vol: torch.Tensor, disp: torch.Tensor, mode: str = "bilinear", padding_mode: str = "border"
 ) -> torch.Tensor:
