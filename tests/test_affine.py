@@ -298,3 +298,27 @@ def test_smoothing_is_a_zero_padded_gaussian_convolution():
     got = _smooth(vol, sigmas)
     assert got.shape == vol.shape
     assert torch.allclose(got[0, 0], ref, atol=1e-6)
+
+
+def test_mask_moments_of_a_box_and_of_an_oblique_blob():
+    """_moments (from the mask's 2-D projections): a 4 x 6 x 10 box on a 2 mm grid has its centre in the middle
+    and variances 4 (L^2 - 1) / 12 mm^2 per axis; an irregular mask on an oblique grid matches the moments of
+    its voxel list."""
+    from atlasmorph_cli.geometry.affine import _moments
+
+    box = np.zeros((10, 12, 16), bool)
+    box[2:6, 3:9, 4:14] = True
+    aff = np.diag([2.0, 2.0, 2.0, 1.0])
+    aff[:3, 3] = [-5.0, 1.0, 3.0]
+    centre, cov, volume = _moments(box, aff)
+    np.testing.assert_allclose(centre, [-5 + 2 * 3.5, 1 + 2 * 5.5, 3 + 2 * 8.5])
+    np.testing.assert_allclose(cov, np.diag([4 * (16 - 1) / 12, 4 * (36 - 1) / 12, 4 * (100 - 1) / 12]), atol=1e-12)
+    assert volume == pytest.approx(4 * 6 * 10 * 8)
+
+    blob = np.random.default_rng(0).random((9, 11, 7)) > 0.6
+    oblique = np.array([[0.9, 0.1, 0.0, -8.0], [-0.1, 1.1, 0.05, 4.0], [0.0, 0.2, 1.3, 2.0], [0, 0, 0, 1]])
+    world = np.argwhere(blob) @ oblique[:3, :3].T + oblique[:3, 3]
+    centre, cov, volume = _moments(blob, oblique)
+    np.testing.assert_allclose(centre, world.mean(0), atol=1e-10)
+    np.testing.assert_allclose(cov, np.cov(world.T, bias=True), atol=1e-10)
+    np.testing.assert_allclose(volume, blob.sum() * abs(np.linalg.det(oblique[:3, :3])))
