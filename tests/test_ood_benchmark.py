@@ -254,3 +254,19 @@ def test_summary_counts_the_clean_grid_dice_when_there():
     assert s["conform"]["atlasmorph"]["drop_from_clean"] == pytest.approx(-0.005)
     assert s["conform"]["atlasmorph"]["checks"]["within_0.01_of_clean"] is True
     assert s["conform"]["atlasmorph"]["scored_on"] == "clean 2 mm grid"
+
+
+def test_thick_refine_probe_blur_is_the_thick_slice_kernel_along_one_axis():
+    """thick_refine_probe.thick_blur: a point becomes [1, 2, 3, 2, 1] / 9 along the chosen axis only; a constant
+    stays constant (replicated edges)."""
+    import torch
+
+    import thick_refine_probe
+
+    x = torch.zeros(1, 1, 7, 7, 7)
+    x[0, 0, 3, 3, 3] = 9.0
+    out = thick_refine_probe.thick_blur(x, axis=2)[0, 0]
+    assert out[3, 3].tolist() == [0.0, 1.0, 2.0, 3.0, 2.0, 1.0, 0.0]
+    assert float(out.sum()) == 9.0 and float(out[3, 2].abs().sum()) == 0.0
+    torch.testing.assert_close(thick_refine_probe.thick_blur(torch.full((1, 1, 4, 5, 6), 2.5), axis=0),
+                               torch.full((1, 1, 4, 5, 6), 2.5))
