@@ -257,3 +257,21 @@ def test_template_gain_is_the_paired_difference_per_age_group_and_structure():
     assert g["<40"]["dice"]["mean"] == pytest.approx(0.01) and g["40-60"]["n"] == 0
     assert g["all"]["n"] == 3 and g["all"]["dice"]["mean"] == pytest.approx((0.01 + 0.02 - 0.01) / 3)
     assert segmentation_summary.template_gain([subjects[-1]]) is None
+
+
+def test_template_parts_hybrid_of_one_attribute_vector_is_the_tools_template():
+    """template_parts.hybrid_template with the same attributes for shape and residual is make_template's
+    template (the "matched" and "average" arms are what the tool uses); mixing them changes both T1 and labels."""
+    import template_parts
+    from atlasmorph_cli.inference.template import encode_attributes, make_template
+    from atlasmorph_cli.model.shipped import load
+
+    _, model = load(None)
+    old, _ = encode_attributes(model, {"age": 72, "sex": "F"})
+    avg, _ = encode_attributes(model, None)
+    for attrs in (old, avg):
+        ref, got = make_template(model, attrs), template_parts.hybrid_template(model, attrs, attrs)
+        np.testing.assert_array_equal(got.t1, ref.t1)
+        np.testing.assert_array_equal(got.probs, ref.probs)
+    mixed, matched = template_parts.hybrid_template(model, old, avg), make_template(model, old)
+    assert np.abs(mixed.probs - matched.probs).max() > 0.05 and np.abs(mixed.t1 - matched.t1).max() > 0.01
