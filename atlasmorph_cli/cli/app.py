@@ -387,9 +387,10 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc serve every block from its heap and keep what is freed (mallopt: no mmap, no trim).
 
     A command allocates and frees volume-sized tensors (tens of MB) hundreds of times; by default each is a
-    fresh mmap whose pages the kernel must fault in and zero again: about 0.3 s of system time per `segment`
-    here. Peak memory stays that of the largest working set. Not for `train` (long runs, not measured). False
-    where there is no glibc (macOS, musl): nothing changes there.
+    fresh mmap whose pages the kernel must fault in and zero again: 0.4-0.6 s of system time per `segment`
+    here. The price is memory held for reuse: a batch plateaus about 30 % higher (docs/benchmarks.md,
+    section 3). Not for `train` (long runs, not measured). False where there is no glibc (macOS, musl):
+    nothing changes there.
     """
     import ctypes
 
