@@ -72,9 +72,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     model_path = common.model_file(args.model)
-    split, _ = common.split_ids(args.split, model_path)
-    rows = [r for r in common.pick_subjects(common.ixi_rows(common.data_folder(args.data)),
-                                            split.get("validation", []), None) if float(r["age"]) >= args.min_age]
+    rows = [r for r in common.validation_rows(common.data_folder(args.data), args.split)
+            if float(r["age"]) >= args.min_age]
     model = load_model(model_path)
     avg, _ = encode_attributes(model, None)
     results: dict = {}

@@ -78,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     data_dir = common.data_folder(args.data)
     model_path = common.model_file(args.model)
-    split, _ = common.split_ids(args.split, model_path)
-    subjects = common.pick_subjects(common.ixi_rows(data_dir), split.get("validation", []), args.subjects)
+    subjects = common.validation_rows(data_dir, args.split, args.subjects)
     model = load_model(model_path)
     original = refine.get_image_loss
     results: dict = {}
