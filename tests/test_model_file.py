@@ -46,3 +46,34 @@ def test_a_safetensors_header_length_ending_in_0x80_is_not_taken_for_a_pickle(tm
     (tmp_path / "p.safetensors").write_bytes(b"\x80\x04\x95" + b"\x00" * 64)  # a real pickle is still refused
     with pytest.raises(AtlasMorphError, match="refusing a pickle"):
         read_config(tmp_path / "p.safetensors")
+
+
+def read_config_text(path) -> str:
+    """The raw configuration JSON of a model file's metadata."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata()["config"]
+
+
+def test_a_full_resolution_residual_travels_in_the_file_and_older_files_have_none(tmp_path):
+    """template_fine is part of the configuration: a file with it rebuilds the read-out with its weights; a
+    file written before it existed (no key in its configuration) loads without one."""
+    from atlasmorph_cli.model.model_file import AtlasMorph
+
+    from atlasmorph_cli.model.shipped import shipped_models
+
+    for shipped in shipped_models():  # v1 and v2 were written before the option existed
+        assert '"template_fine"' not in str(read_config_text(shipped))
+        older = load_model(shipped)
+        assert older.config.template_fine == 0 and not hasattr(older.template_net, "fine")
+    config = load_model(small_model(tmp_path / "small.safetensors")).config
+    config.template_fine = 4
+    torch.manual_seed(1)
+    model = AtlasMorph(config)
+    with torch.no_grad():
+        model.template_net.fine_head.bias.fill_(0.25)
+    back = load_model(save_model(model, tmp_path / "fine.safetensors"))
+    assert back.config.template_fine == 4
+    for k, v in model.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
