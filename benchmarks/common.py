@@ -26,6 +26,28 @@ def add_data_option(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--data", type=Path, default=None, help="data folder (default: ATLASMORPH_DATA or ../shared/data)")
 
 
+def add_model_options(ap: argparse.ArgumentParser, cache: bool = False) -> None:
+    """--model and --split (the shipped model and its split by default), and with `cache` the required --cache."""
+    ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped default)")
+    ap.add_argument("--split", type=Path, default=SHIPPED_SPLIT, help="split.json (default: the shipped model's)")
+    if cache:
+        ap.add_argument("--cache", type=Path, required=True, help="the training cache (atlasmorph train --cache) of the split")
+
+
+def load_cached(cache: Path, ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Model-space T1s (N, X, Y, Z) float32 and label maps (N, X, Y, Z) uint8 of subjects in a training cache;
+    exits with a one-line message when one is not cached."""
+    missing = [s for s in ids if not (cache / f"{s}.npz").is_file()]
+    if missing:
+        sys.exit(f"{cache}: {len(missing)} subjects are not cached (e.g. {missing[0]}); run atlasmorph train --cache first")
+    t1, lab = [], []
+    for sid in ids:
+        with np.load(cache / f"{sid}.npz") as z:
+            t1.append(z["t1"].astype(np.float32))
+            lab.append(z["labels"])
+    return np.stack(t1), np.stack(lab)
+
+
 def data_folder(given: Path | None = None) -> Path:
     """The shared data folder (--data, else ATLASMORPH_DATA or ../shared/data); exits with code 2 if absent."""
     from atlasmorph_cli.io.datadir import find_data_dir

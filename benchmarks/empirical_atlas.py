@@ -31,27 +31,23 @@ import common  # noqa: E402
 ARMS = ("matched", "average", "emp-all", "emp-age", "emp-age-sex")
 
 
-def carried_labels(model, cache: Path, ids: list[str], template_t1, n_classes: int):
-    """Each training subject's one-hot labels carried into the template's frame (a generator of (C, X, Y, Z))."""
+def carried_labels(model, t1, labels, template_t1):
+    """One subject's one-hot labels (X, Y, Z) carried into a template's frame (C, X, Y, Z): the subject's
+    model-space T1 (X, Y, Z) is registered to template_t1 (1, 1, X, Y, Z) and pulled back by the inverse warp."""
     import torch
     import torch.nn.functional as F
 
     from atlasmorph_cli.model.layers import warp
 
-    for sid in ids:
-        z = np.load(cache / f"{sid}.npz")
-        x = torch.from_numpy(z["t1"].astype(np.float32))[None, None]
-        onehot = F.one_hot(torch.from_numpy(z["labels"].astype(np.int64)), n_classes).permute(3, 0, 1, 2)[None].float()
-        with torch.no_grad():
-            inv = model.predict_warps(x, template_t1)["inv"]
-            yield warp(onehot, inv)[0]
+    onehot = F.one_hot(torch.as_tensor(labels).long(), model.template_net.n_classes).permute(3, 0, 1, 2)[None].float()
+    with torch.no_grad():
+        inv = model.predict_warps(torch.as_tensor(t1, dtype=torch.float32)[None, None], template_t1)["inv"]
+        return warp(onehot, inv)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped default)")
-    ap.add_argument("--split", type=Path, default=common.SHIPPED_SPLIT, help="split.json (default: the shipped model's)")
-    ap.add_argument("--cache", type=Path, required=True, help="the training cache (atlasmorph train --cache) of the split")
+    common.add_model_options(ap, cache=True)
     ap.add_argument("--min-age", type=float, default=60.0, help="only validation subjects at least this old")
     ap.add_argument("--sigma", type=float, default=7.0, help="age kernel of emp-age, in years")
     ap.add_argument("--threads", type=int, default=2)
@@ -73,12 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     data = common.data_folder(args.data)
     split = json.loads(args.split.read_text())
     train_rows = common.pick_subjects(common.ixi_rows(data), split["train"], None)
-    missing = [r["subject"] for r in train_rows if not (args.cache / f"{r['subject']}.npz").is_file()]
-    if missing:
-        sys.exit(f"{args.cache}: {len(missing)} training subjects are not cached (e.g. {missing[0]}); run atlasmorph train --cache first")
+    train_t1, train_lab = common.load_cached(args.cache, [r["subject"] for r in train_rows])
     rows = [r for r in common.validation_rows(data, args.split) if float(r["age"]) >= args.min_age]
     model = load_model(model_path)
-    n_classes = model.template_net.n_classes
     avg, _ = encode_attributes(model, None)
     train_age = np.array([float(r["age"]) for r in train_rows])
     train_sex = np.array([r["sex"] for r in train_rows])
@@ -92,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = {"emp-all": np.ones_like(w_age), "emp-age": w_age, "emp-age-sex": w_age * (train_sex == row["sex"])}
         sums = {k: 0.0 for k in weights}
         t1_t = torch.from_numpy(matched.t1)[None, None]
-        for i, carried in enumerate(carried_labels(model, args.cache, [r["subject"] for r in train_rows], t1_t, n_classes)):
+        for i in range(len(train_rows)):
+            carried = carried_labels(model, train_t1[i], train_lab[i], t1_t)
             for k, w in weights.items():
                 if w[i] > 0:
                     sums[k] = sums[k] + float(w[i]) * carried

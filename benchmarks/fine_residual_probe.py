@@ -42,9 +42,7 @@ def with_fine_residual(model, width: int):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped default)")
-    ap.add_argument("--split", type=Path, default=common.SHIPPED_SPLIT, help="split.json (default: the shipped model's)")
-    ap.add_argument("--cache", type=Path, required=True, help="the training cache (atlasmorph train --cache) of the split")
+    common.add_model_options(ap, cache=True)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--width", type=int, default=8, help="channels of the full-resolution read-out (0: none, the control)")
     ap.add_argument("--lr-fine", type=float, default=1e-3, help="learning rate of the new read-out")

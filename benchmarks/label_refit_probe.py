@@ -21,6 +21,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
+from empirical_atlas import carried_labels  # noqa: E402
 
 QUANT = 255.0  # carried label probabilities are stored as uint8 (x / 255): 35 maps x N subjects fit in memory
 
@@ -29,19 +30,13 @@ def carry_labels(model, t1, labels, attrs):
     """Each subject (N, X, Y, Z) registered to its matched template: its one-hot labels pulled into the
     template's frame (N, C, X, Y, Z, uint8 probabilities x 255) and the template T1s (N, 1, X, Y, Z, float16)."""
     import torch
-    import torch.nn.functional as F
 
-    from atlasmorph_cli.model.layers import warp
-
-    n_classes = model.template_net.n_classes
-    carried = torch.empty(len(t1), n_classes, *t1.shape[1:], dtype=torch.uint8)
+    carried = torch.empty(len(t1), model.template_net.n_classes, *t1.shape[1:], dtype=torch.uint8)
     anchors = torch.empty(len(t1), 1, *t1.shape[1:], dtype=torch.float16)
     with torch.no_grad():
         for i in range(len(t1)):
             t1_t, _ = model.template(attrs[i : i + 1])
-            inv = model.predict_warps(t1[i : i + 1, None].float(), t1_t)["inv"]
-            onehot = F.one_hot(labels[i].long(), n_classes).permute(3, 0, 1, 2)[None].float()
-            carried[i] = (warp(onehot, inv)[0] * QUANT).round().clamp(0, QUANT).to(torch.uint8)
+            carried[i] = (carried_labels(model, t1[i], labels[i], t1_t) * QUANT).round().clamp(0, QUANT).to(torch.uint8)
             anchors[i] = t1_t[0].half()
     return carried, anchors
 
@@ -63,20 +58,14 @@ def cached_subjects(model, cache: Path, rows: dict, ids: list[str]):
     import torch
 
     enc = model.config.encoder
-    t1, lab, a = [], [], []
-    for sid in ids:
-        z = np.load(cache / f"{sid}.npz")
-        t1.append(z["t1"].astype(np.float32))
-        lab.append(z["labels"])
-        a.append(enc.encode(enc.parse({"age": rows[sid]["age"], "sex": rows[sid]["sex"]})[0]))
-    return torch.from_numpy(np.stack(t1)), torch.from_numpy(np.stack(lab)), torch.from_numpy(np.stack(a)).float()
+    t1, lab = common.load_cached(cache, ids)
+    a = [enc.encode(enc.parse({"age": rows[sid]["age"], "sex": rows[sid]["sex"]})[0]) for sid in ids]
+    return torch.from_numpy(t1), torch.from_numpy(lab), torch.from_numpy(np.stack(a)).float()
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped default)")
-    ap.add_argument("--split", type=Path, default=common.SHIPPED_SPLIT, help="split.json (default: the shipped model's)")
-    ap.add_argument("--cache", type=Path, required=True, help="the training cache (atlasmorph train --cache) of the split")
+    common.add_model_options(ap, cache=True)
     ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--batch", type=int, default=2)

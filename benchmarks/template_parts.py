@@ -56,8 +56,7 @@ def hybrid_template(model, shape_attrs, residual_attrs):
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model file (default: the shipped default)")
-    ap.add_argument("--split", type=Path, default=common.SHIPPED_SPLIT, help="split.json (default: the shipped model's)")
+    common.add_model_options(ap)
     ap.add_argument("--min-age", type=float, default=0.0, help="only validation subjects at least this old")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", type=Path, default=None, help="write the per-subject results here")
