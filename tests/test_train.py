@@ -230,3 +230,30 @@ def test_warmup_ramps_the_learning_rate_and_resumes_on_the_same_schedule(cohort,
     a, b = load_file(str(straight / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
+
+
+def test_template_stage_trains_the_template_alone(cohort, trained, tmp_path):
+    """--stage template: the registration network of --init and the template's deformation stay bit for bit,
+    the template's residual learns from full-resolution image, label and volume terms only; without --init
+    it is refused before anything is prepared."""
+    import csv
+
+    ref = small_reference()
+    deform = tmp_path / "deform"  # a deformable (v2-like) model to start from
+    train(settings(cohort, deform, steps=4, init=trained / "model.safetensors"), ref)
+    out = tmp_path / "stage"
+    w = LossWeights(image=1.0, smooth=0.05, centrality=0.1, volume=10.0)
+    train(settings(cohort, out, steps=6, lr=1e-3, stage="template", init=deform / "model.safetensors", weights=w), ref)
+    before, after = load_file(str(deform / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    frozen = [k for k in before if k.startswith("reg_net.") or k.split(".")[-1] in ("shape_coef", "attr_lo", "attr_hi")]
+    assert len(frozen) > 3
+    for k in frozen:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("template_net.") and k not in frozen)
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert set(rows[0]) >= {"image", "seg", "volume"} and not set(rows[0]) & {"smooth", "centrality", "magnitude"}
+    assert load_model(out / "model.safetensors").config.training["stage"] == "template"
+    with pytest.raises(AtlasMorphError, match="--init"):
+        train(settings(cohort, tmp_path / "no-init", stage="template"), ref)
+    with pytest.raises(AtlasMorphError, match="--stage"):
+        train(settings(cohort, tmp_path / "bad", stage="registration", init=deform / "model.safetensors"), ref)

@@ -147,6 +147,10 @@ def train_command(
         1.0, min=0.0, max=1.0,
         help="With --augment: the fraction of subjects shown perturbed; the rest are shown clean (the network "
              "keeps its in-distribution accuracy)."),
+    stage: str = typer.Option(
+        "joint", help="joint: train both networks. template: fine-tune the template network of --init alone, its "
+                      "registration frozen and every loss at full resolution (a short second stage that sharpens the "
+                      "age-specific labels; docs/training.md)."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "
@@ -202,7 +206,7 @@ def train_command(
         checkpoint_every=checkpoint_every, seed=seed, resume=resume, init=init, reference=reference,
         cache=cache, threads=threads, workers=workers, device=device, bandwidth=bandwidth, name=name, quiet=quiet,
         template_deform=template_deform, augment=augment, augment_fraction=augment_fraction, shape_every=shape_every,
-        bids=selection if bids else None, seg_derivatives=seg_derivatives,
+        bids=selection if bids else None, seg_derivatives=seg_derivatives, stage=stage,
     )
     final = run_train(settings, training_reference(reference, init))
     err.print(f"model written to {final}")

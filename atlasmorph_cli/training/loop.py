@@ -37,6 +37,8 @@ from .split import apply_split, read_split, split_subjects, usable_subjects
 from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_template_shape, validate
 from .volume_prior import volume_trends
 
+STAGES = ("joint", "template")
+
 
 @dataclass
 class TrainSettings:
@@ -70,6 +72,9 @@ class TrainSettings:
     shape_every: int = 25  # steps between closed-form refits of the deformable template on the subjects' warps
     augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
     augment_fraction: float = 1.0  # of the subjects shown to RegNet, the fraction perturbed (the rest clean)
+    # "joint": both networks learn; "template": the template network alone, the registration of --init frozen and
+    # every loss at full resolution (a short second stage; docs/conditioning.md)
+    stage: str = "joint"
     name: str = "atlasmorph-custom"
     quiet: bool = False
     bids: BidsSelection | None = None  # BIDS dataset: --participant-label/--session-label/--bids-filter
@@ -117,6 +122,10 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         raise AtlasMorphError(f"--resume: no checkpoint at {ckpt}")
     runs.check_out_folder(s.out, s.resume)  # a new run never replaces a finished (or killed) one
     s.out.mkdir(parents=True, exist_ok=True)
+    if s.stage not in STAGES:
+        raise AtlasMorphError(f"--stage must be {' or '.join(STAGES)}, got '{s.stage}'")
+    if s.stage == "template" and s.init is None:
+        raise AtlasMorphError("--stage template fine-tunes the template of a trained model: give it with --init")
     init_model = load_model(s.init) if s.init else None
     names = init_model.config.encoder.names if init_model else s.attributes
     subjects, dropped = usable_subjects(subjects, names)
@@ -169,13 +178,17 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     config.loss_weights = asdict(s.weights)
     config.training = {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "image_loss": s.image_loss,
                        "seed": s.seed, "n_train": len(train_subj), "n_val": len(val_subj),
-                       "bandwidth": s.bandwidth, "world_size": world}
+                       "bandwidth": s.bandwidth, "world_size": world, "stage": s.stage}
     model = AtlasMorph(config).to(device)
     if init_model is not None:
         load_init(model, init_model)
     else:
         model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
     model.train()
+    template_only = s.stage == "template"
+    if template_only:  # the registration of --init stays as it is
+        for p in model.reg_net.parameters():
+            p.requires_grad_(False)
 
     trend, numeric = None, None
     if s.weights.volume:
@@ -191,7 +204,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     runner = (torch.nn.parallel.DistributedDataParallel(step_module, find_unused_parameters=True)
               if world > 1 else step_module)
     # fused Adam: one kernel over all parameters, ~10x faster than the per-tensor loop on CPU
-    optimizer = torch.optim.Adam(model.parameters(), lr=s.lr, fused=True)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=s.lr, fused=True)
     gen = torch.Generator().manual_seed(s.seed + rank)
     my_idx = torch.arange(len(train_subj))[rank::world]
     low_shape = [d // 4 for d in s.grid.shape]
@@ -208,7 +221,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     step, history = 0, []
     if s.resume:  # its presence was checked before the cohort was prepared
         step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
-    elif deform:
+    elif deform and not template_only:  # (a template stage keeps --init's deformation and its range)
         model.template_net.set_attribute_range(tr_attr.to(device))
         fill_shape_memory(model, tr_t1, tr_attr, memory, my_idx)
         refit_template_shape(model, memory)
@@ -223,7 +236,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
                 group["lr"] = warmup_lr(s.lr, step, s.warmup)
             pick = my_idx[torch.randint(len(my_idx), (s.batch_size,), generator=gen)]
             x = tr_t1[pick, None]
-            x_seen = augment(x, gen, aug_settings) if s.augment else x
+            x_seen = augment(x, gen, aug_settings) if s.augment and not template_only else x
             x, x_seen = x.to(device), x_seen.to(device)
             total, terms, low, target = runner(
                 x, x_seen, tr_lab[pick].to(device), has_lab[pick].to(device), tr_attr[pick].to(device),
@@ -231,8 +244,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
-            memory["fields"][pick] = low
-            memory["filled"][pick] = True
+            if low is not None:
+                memory["fields"][pick] = low
+                memory["filled"][pick] = True
             if target is not None:
                 memory["shape"][pick.to(device)] = target
                 memory["shape_filled"][pick.to(device)] = True

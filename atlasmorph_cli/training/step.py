@@ -89,10 +89,13 @@ class TrainingStep(torch.nn.Module):
         self.w = settings.weights
         self.image_loss = losses.get_image_loss(settings.image_loss)
         self.bandwidth = settings.bandwidth
+        self.template_only = settings.stage == "template"
 
     def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
         """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented).
         Also returns, with a deformable template, each subject's deformation target w(a) + v (detached)."""
+        if self.template_only:
+            return self.template_terms(x, x_seen, labels, has_labels, attrs, idx)
         tmpl = self.model.template_net.forward_train(attrs)
         t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
         reg = self.model.predict_warps(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
@@ -125,6 +128,26 @@ class TrainingStep(torch.nn.Module):
                    "volume": self.w.volume}
         total = sum(weights[k] * v for k, v in terms.items() if k in weights)
         return total, terms, low.detach(), target
+
+    def template_terms(self, x, x_seen, labels, has_labels, attrs, idx):
+        """`--stage template`: the registration network is frozen and only the template learns, so every term
+        is scored at full resolution (joint training scores labels at half resolution to afford RegNet's
+        backward pass): image similarity, soft Dice and the volume trend. Returns no centrality field and no
+        deformation target: the registration does not change, neither does the template's deformation."""
+        t1_t, logits = self.model.template(attrs)
+        with torch.no_grad():
+            fwd = self.model.predict_warps(x_seen, t1_t)["fwd"]
+        terms = {"image": self.image_loss(warp(t1_t, fwd), x)}
+        if has_labels.any():
+            sel = has_labels.nonzero().flatten()
+            terms["seg"] = losses.soft_dice(warp(torch.softmax(logits[sel], 1), fwd[sel]), one_hot(labels[sel]))
+        if self.w.volume and bool(self.numeric.any()):
+            _, ref_logits = self.model.template(reference_attributes(attrs, self.numeric))
+            trend = self.volume_trend[idx.to(self.volume_trend.device)]
+            terms["volume"] = losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits, 1)),
+                                                       losses.log_volumes(torch.softmax(ref_logits, 1)), trend)
+        weights = {"image": self.w.image, "seg": self.w.seg, "volume": self.w.volume}
+        return sum(weights[k] * v for k, v in terms.items()), terms, None, None
 
 
 @torch.no_grad()
