@@ -1,12 +1,10 @@
-"""The issue-14 probes in benchmarks/: the label refit (carried labels, a loss whose minimiser is their mean) and
-the full-resolution residual (it starts from the model it is added to)."""
+"""The issue-14 probe in benchmarks/: the label refit (carried labels, a loss whose minimiser is their mean)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from atlasmorph_cli.model.model_file import AtlasMorph, ModelConfig
-from fine_residual_probe import with_fine_residual  # benchmarks/, on pytest's pythonpath
 from label_refit_probe import QUANT, carry_labels, label_refit_loss  # benchmarks/, on pytest's pythonpath
 from synthetic import SMALL_GRID
 
@@ -60,18 +58,3 @@ def test_an_untrained_registration_carries_the_labels_unchanged():
     assert float((carried.float() / QUANT - onehot).abs().max()) < 0.01
     t1_t, _ = model.template(torch.zeros(1, 0))
     assert torch.allclose(anchors.float(), t1_t.expand(2, -1, -1, -1, -1).half().float())
-
-
-def test_adding_the_full_resolution_residual_leaves_the_template_as_it_was(tmp_path):
-    from atlasmorph_cli.model.model_file import load_model
-    from synthetic import small_model
-
-    model = load_model(small_model(tmp_path / "m.safetensors"))
-    with torch.no_grad():
-        model.template_net.head.weight.normal_(std=0.1)  # a non-trivial residual to carry over
-    fine = with_fine_residual(model, 4)
-    assert fine.config.template_fine == 4 and model.config.template_fine == 0
-    attrs = torch.tensor([[0.3, 1.0, 0.0]])  # age, one-hot sex
-    assert torch.equal(fine.template_net(attrs), model.template_net(attrs))
-    with torch.no_grad():
-        assert float(fine.template_net.branches(attrs)[2].abs().max()) == 0.0

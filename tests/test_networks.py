@@ -140,24 +140,3 @@ def test_fit_shape_of_noisy_subjects_is_their_conditional_mean():
     net.fit_shape(*net.shape_normal_equations(attrs, targets))
     for a, group in ((-1.0, targets[:10]), (1.0, targets[10:])):
         torch.testing.assert_close(net.velocity_quarter(torch.tensor([[a]]))[0], group.mean(0), atol=2e-3, rtol=0)
-
-
-def test_full_resolution_residual_starts_at_zero_and_adds_everywhere():
-    """fine_width > 0: a zero-initialised full-resolution read-out (the template starts as without it); a
-    constant on its output moves the full template by that constant and the training logits by its average."""
-    torch.manual_seed(0)
-    net = TemplateNet(n_attrs=2, shape=SHAPE, n_classes=4, width=8, deform=True, fine_width=4)
-    net.init_base(torch.rand(*SHAPE), torch.softmax(torch.randn(4, *SHAPE), 0))
-    with torch.no_grad():
-        net.head.weight.normal_(std=0.1)  # a non-trivial half-resolution residual
-    attrs = torch.randn(2, 2)
-    before, train_before = net(attrs), net.forward_train(attrs)
-    assert net.branches(attrs)[2].shape == (2, 5, *SHAPE)
-    assert float(net.branches(attrs)[2].detach().abs().max()) == 0.0
-    with torch.no_grad():
-        net.fine_head.bias.copy_(torch.tensor([0.5, 0.0, 2.0, 0.0, 0.0]))
-    after, train_after = net(attrs), net.forward_train(attrs)
-    assert torch.allclose(after - before, net.fine_head.bias.view(1, 5, 1, 1, 1).expand_as(after), atol=1e-5)
-    assert torch.allclose(train_after["t1"] - train_before["t1"], torch.full_like(train_after["t1"], 0.5), atol=1e-5)
-    assert torch.allclose(train_after["logits"][:, 1] - train_before["logits"][:, 1], torch.full((2, 16, 16, 16), 2.0), atol=1e-5)
-    assert TemplateNet(n_attrs=0, shape=SHAPE, n_classes=4, fine_width=4).fine_width == 0  # nothing to condition on

@@ -40,7 +40,6 @@ class ModelConfig:
     reg_dec: list[int] = field(default_factory=lambda: [32, 32, 16])
     int_steps: int = 7
     template_deform: bool = False  # template = base o exp(w(attributes)) + residual (v2); False in v1 files
-    template_fine: int = 0  # width of the full-resolution residual read-out (0: none, as in v1 and v2 files)
     n_classes: int = N_CLASSES
     labels: list[list] = field(default_factory=lambda: [[s.fs_id, s.name] for s in STRUCTURES])
     loss_weights: dict = field(default_factory=dict)
@@ -66,8 +65,7 @@ class AtlasMorph(torch.nn.Module):
         self.config = config
         shape = tuple(config.grid["shape"])
         self.template_net = TemplateNet(config.encoder.width, shape, config.n_classes, config.template_width,
-                                        deform=config.template_deform, int_steps=config.int_steps,
-                                        fine_width=config.template_fine)
+                                        deform=config.template_deform, int_steps=config.int_steps)
         self.reg_net = RegNet(2, tuple(config.reg_enc), tuple(config.reg_dec))
 
     def template(self, attrs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -39,9 +39,7 @@ class TemplateNet(nn.Module):
     Output channel 0 is T1 intensity (0..1 scale), channels 1.. are label logits. The residual branch
     maps attributes -> MLP -> a (X/16, Y/16, Z/16) feature volume -> 3 x (upsample, 3x3x3 conv) to half
     resolution -> a zero-initialised 1x1x1 conv -> trilinear upsample to full resolution, so training
-    starts from the base template exactly. With `fine_width` > 0 a second read-out adds detail at full
-    resolution: the half-resolution features -> upsample -> 3x3x3 conv (fine_width) -> a zero-initialised
-    1x1x1 conv, added to the output (age-specific boundaries finer than the half-resolution residual).
+    starts from the base template exactly.
 
     With `deform=True` the template is also a *deformation* of the base: template = base o exp(w(a)) +
     residual, with a stationary velocity w(a) = sum_k b_k(a) C_k at quarter resolution, a regression on the
@@ -54,7 +52,7 @@ class TemplateNet(nn.Module):
     """
 
     def __init__(self, n_attrs: int, shape: Sequence[int], n_classes: int = 35, width: int = 32,
-                 deform: bool = False, int_steps: int = 7, fine_width: int = 0):
+                 deform: bool = False, int_steps: int = 7):
         super().__init__()
         self.n_attrs, self.n_classes, self.shape = int(n_attrs), int(n_classes), tuple(int(s) for s in shape)
         if any(s % 16 for s in self.shape):
@@ -71,12 +69,6 @@ class TemplateNet(nn.Module):
             self.head = nn.Conv3d(chans[-1], 1 + self.n_classes, 1)  # 1x1x1: a cheap per-voxel read-out
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
-        self.fine_width = int(fine_width) if self.n_attrs > 0 else 0
-        if self.fine_width > 0:
-            self.fine = conv_block(self.width // 2, self.fine_width)
-            self.fine_head = nn.Conv3d(self.fine_width, 1 + self.n_classes, 1)
-            nn.init.zeros_(self.fine_head.weight)
-            nn.init.zeros_(self.fine_head.bias)
         if self.deform:
             self.register_buffer("shape_coef", torch.zeros(1 + 2 * self.n_attrs, 3, *(s // 4 for s in self.shape)))
             self.register_buffer("attr_lo", torch.full((self.n_attrs,), -float("inf")))
@@ -90,18 +82,16 @@ class TemplateNet(nn.Module):
         self.base[0, 0] = mean_t1.to(self.base)
         self.base[0, 1:] = torch.log(p)
 
-    def branches(self, attrs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-        """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2), template velocity
-        at half resolution (B, 3, X/2, Y/2, Z/2) and the full-resolution residual (B, 1 + n_classes, X, Y, Z);
-        None for what the network does not have."""
+    def branches(self, attrs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Attribute-dependent residual at half resolution (B, 1 + n_classes, X/2, Y/2, Z/2) and template
+        velocity at half resolution (B, 3, X/2, Y/2, Z/2); None for what the network does not have."""
         vel = resize_field(self.velocity_quarter(attrs), 2.0) if self.deform else None
         if self.n_attrs == 0:
-            return None, vel, None
+            return None, vel
         x = self.mlp(attrs.to(self.base.dtype)).view(attrs.shape[0], self.width, *self.low)
         for block in self.decoder:
             x = block(upsample2(x))
-        fine = self.fine_head(self.fine(upsample2(x))) if self.fine_width > 0 else None
-        return self.head(x), vel, fine
+        return self.head(x), vel
 
     def shape_basis(self, attrs: torch.Tensor) -> torch.Tensor:
         """(B, 1 + 2A) regression basis [1, a, a^2] of encoded attributes clamped to the training range."""
@@ -138,27 +128,23 @@ class TemplateNet(nn.Module):
         """
         b = attrs.shape[0]
         t1, logits = self.base[:, :1], F.avg_pool3d(self.base[:, 1:], 2)
-        r, vel, fine = self.branches(attrs)
+        r, vel = self.branches(attrs)
         if vel is not None:
             disp_half = integrate_velocity(vel, self.int_steps)
             t1 = warp(t1.expand(b, *t1.shape[1:]), resize_field(disp_half, 2.0))
             logits = warp(logits.expand(b, *logits.shape[1:]), disp_half)
         if r is None:
             return {"t1": t1.expand(b, *t1.shape[1:]), "logits": logits.expand(b, *logits.shape[1:]), "vel": vel}
-        t1, logits = t1 + upsample2(r[:, :1]), logits + r[:, 1:]
-        if fine is not None:  # its half-resolution average, as the base's
-            t1, logits = t1 + fine[:, :1], logits + F.avg_pool3d(fine[:, 1:], 2)
-        return {"t1": t1, "logits": logits, "vel": vel}
+        return {"t1": t1 + upsample2(r[:, :1]), "logits": logits + r[:, 1:], "vel": vel}
 
     def forward(self, attrs: torch.Tensor) -> torch.Tensor:
         """Template(s) for attributes (B, n_attrs) -> raw output (B, 1 + n_classes, X, Y, Z)."""
         b = attrs.shape[0]
-        r, vel, fine = self.branches(attrs)
+        r, vel = self.branches(attrs)
         out = self.base.expand(b, *self.base.shape[1:])
         if vel is not None:
             out = warp(out, resize_field(integrate_velocity(vel, self.int_steps), 2.0))
-        out = out if r is None else out + upsample2(r)
-        return out if fine is None else out + fine
+        return out if r is None else out + upsample2(r)
 
     @staticmethod
     def split(out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
