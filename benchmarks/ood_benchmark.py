@@ -346,7 +346,8 @@ def summarise(results: dict, methods: list[str], perturbations: list[str]) -> di
                 if pairs:
                     per_structure = {n: _mean(a[n] - b[n] for a, b in pairs if a.get(n) is not None
                                               and b.get(n) is not None) for n in pairs[0][0]}
-            entry[m] = {"n": len(got), "dice": mean, "drop_from_clean": drop, "n_paired_with_clean": paired,
+            failed = sorted(x for x, r in rows.items() if "error" in r.get(m, {}))
+            entry[m] = {"n": len(got), "failed": failed, "dice": mean, "drop_from_clean": drop, "n_paired_with_clean": paired,
                         "structure_change_from_clean": per_structure,
                         "per_subject": got, "dice_on_input_grid": on_input,
                         "scored_on": "clean 2 mm grid" if regridded else "input grid"}
@@ -408,7 +409,13 @@ def markdown(res: dict) -> str:
         n = max((s[p][m]["n"] for m in methods), default=0)
         cells = [f"{_f(s[p][m]['dice'])} ({_f(s[p][m]['drop_from_clean'], signed=True)})"
                  if p != "clean" and s[p][m]["dice"] is not None else _f(s[p][m]["dice"]) for m in methods]
+        cells = [c + (f" (n = {s[p][m]['n']})" if s[p][m]["n"] < n else "") for c, m in zip(cells, methods)]
         lines.append(f"| {PERTURBATION_LABEL[p]} | {n} | " + " | ".join(cells) + " |")
+    failed = [f"{METHOD_LABEL[m]} on {p}: {', '.join(s[p][m]['failed'])}" for p in perts for m in methods
+              if s[p][m].get("failed")]
+    if failed:  # a mean over fewer subjects must not pass for the full one
+        lines += ["", "**Failed runs, left out of the means above** (their errors are in the results folder): "
+                  + "; ".join(failed) + "."]
     regrid = [p for p in perts if any(s[p][m].get("scored_on") == "clean 2 mm grid" for m in methods)]
     lines += ["", "MNI152: one image; its change is against the mean clean Dice of the IXI subjects."]
     if regrid:

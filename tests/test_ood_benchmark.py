@@ -270,3 +270,18 @@ def test_thick_refine_probe_blur_is_the_thick_slice_kernel_along_one_axis():
     assert float(out.sum()) == 9.0 and float(out[3, 2].abs().sum()) == 0.0
     torch.testing.assert_close(thick_refine_probe.thick_blur(torch.full((1, 1, 4, 5, 6), 2.5), axis=0),
                                torch.full((1, 1, 4, 5, 6), 2.5))
+
+
+def test_a_failed_run_is_named_and_its_mean_marked():
+    """A (method, subject) that failed is left out of the mean, and the report says so next to the figure and
+    below the table, so a mean over fewer subjects cannot pass for the full one."""
+    results = {"clean": {"a": {"atlasmorph": {"dice": 0.80}, "atlasmorph-refine0": {"error": "boom"}},
+                         "b": {"atlasmorph": {"dice": 0.82}, "atlasmorph-refine0": {"dice": 0.78}}}}
+    methods = ["atlasmorph", "atlasmorph-refine0"]
+    s = ood.summarise(results, methods, ["clean"])
+    assert s["clean"]["atlasmorph-refine0"]["n"] == 1 and s["clean"]["atlasmorph-refine0"]["failed"] == ["a"]
+    assert s["clean"]["atlasmorph"]["failed"] == []
+    md = ood.markdown({"command": "x", "model": "m", "model_sha256": "0" * 64, "subjects": ["a", "b"], "split": "s",
+                       "seed": 0, "threads": 1, "machine": "here", "versions": {"torch": "1"}, "methods": methods,
+                       "perturbations": ["clean"], "summary": s, "notes": []})
+    assert "0.780 (n = 1)" in md and "Failed runs" in md and ": a." in md
