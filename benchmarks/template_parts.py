@@ -30,8 +30,7 @@ ARMS = {"matched": ("a", "a"), "average": ("avg", "avg"), "shape": ("a", "avg"),
 
 
 def hybrid_template(model, shape_attrs, residual_attrs):
-    """The template base o exp(w(shape_attrs)) + r(residual_attrs), r with its full-resolution part if any
-    (inference.template.Template)."""
+    """The template base o exp(w(shape_attrs)) + r(residual_attrs) (inference.template.Template)."""
     import torch
 
     from atlasmorph_cli.inference.template import Template
@@ -40,15 +39,13 @@ def hybrid_template(model, shape_attrs, residual_attrs):
 
     net = model.template_net
     with torch.no_grad():
-        _, vel, _ = net.branches(shape_attrs)
-        residual, _, fine = net.branches(residual_attrs)
+        _, vel = net.branches(shape_attrs)
+        residual, _ = net.branches(residual_attrs)
         out = net.base
         if vel is not None:
             out = warp(out, resize_field(integrate_velocity(vel, net.int_steps), 2.0))
         if residual is not None:
             out = out + upsample2(residual)
-        if fine is not None:
-            out = out + fine
         t1, logits = TemplateNet.split(out)
         probs = torch.softmax(logits, 1)
     return Template(t1[0, 0].clamp(0, 1).numpy(), probs[0].numpy(), model.config.model_grid)
