@@ -63,11 +63,13 @@ def test_a_configuration_key_this_version_does_not_know_is_ignored(tmp_path):
 
     from safetensors.torch import load_file, save_file
 
+    from atlasmorph_cli.model.model_file import FORMAT
+
     path = small_model(tmp_path / "small.safetensors")
     config = json.loads(read_config_text(path))
     config["template_fine"] = 0
     future = tmp_path / "future.safetensors"
-    save_file(load_file(str(path)), str(future), metadata={"format": "atlasmorph-model", "config": json.dumps(config)})
+    save_file(load_file(str(path)), str(future), metadata={"format": FORMAT, "config": json.dumps(config)})
     a, b = load_model(path).state_dict(), load_model(future).state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not hasattr(load_model(future).config, "template_fine")

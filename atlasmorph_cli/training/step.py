@@ -110,13 +110,9 @@ class TrainingStep(torch.nn.Module):
             sel = has_labels.nonzero().flatten()
             probs = warp(torch.softmax(logits_half[sel], dim=1), reg["fwd_half"][sel])
             terms["seg"] = losses.soft_dice(probs, F.avg_pool3d(one_hot(labels[sel]), 2))
-        if self.w.volume and bool(self.numeric.any()):  # the template's volume change from its reference template
-            # follows the cohort's trend; both carry gradients, so what moves them equally (the base) cancels and
-            # the attributes' part learns. Without numeric attributes the reference is the template itself: no term
-            ref_logits = self.model.template_net.forward_train(reference_attributes(attrs, self.numeric))["logits"]
-            trend = self.volume_trend[idx.to(self.volume_trend.device)]
-            terms["volume"] = losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits_half, dim=1)),
-                                                       losses.log_volumes(torch.softmax(ref_logits, dim=1)), trend)
+        if self.scores_volume:
+            terms["volume"] = self.volume_term(
+                logits_half, lambda a: self.model.template_net.forward_train(a)["logits"], attrs, idx)
         terms["smooth"] = losses.gradient_l2(reg["fwd_half"])
         terms["magnitude"] = losses.magnitude_l2(reg["fwd_half"])
         low = F.avg_pool3d(reg["fwd_half"], 2)
@@ -141,13 +137,24 @@ class TrainingStep(torch.nn.Module):
         if has_labels.any():
             sel = has_labels.nonzero().flatten()
             terms["seg"] = losses.soft_dice(warp(torch.softmax(logits[sel], 1), fwd[sel]), one_hot(labels[sel]))
-        if self.w.volume and bool(self.numeric.any()):
-            _, ref_logits = self.model.template(reference_attributes(attrs, self.numeric))
-            trend = self.volume_trend[idx.to(self.volume_trend.device)]
-            terms["volume"] = losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits, 1)),
-                                                       losses.log_volumes(torch.softmax(ref_logits, 1)), trend)
+        if self.scores_volume:
+            terms["volume"] = self.volume_term(logits, lambda a: self.model.template(a)[1], attrs, idx)
         weights = {"image": self.w.image, "seg": self.w.seg, "volume": self.w.volume}
         return sum(weights[k] * v for k, v in terms.items()), terms, None, None
+
+    @property
+    def scores_volume(self) -> bool:
+        """--w-volume with numeric attributes (without them the reference is the template itself: no term)."""
+        return bool(self.w.volume) and bool(self.numeric.any())
+
+    def volume_term(self, logits, label_logits, attrs, idx):
+        """The template's log-volume change from its reference template (numeric attributes at their mean)
+        against the cohort's trend. Both carry gradients, so what moves them equally (the base) cancels and the
+        attributes' part learns. `label_logits(attrs)`: the label logits at the resolution of `logits`."""
+        ref_logits = label_logits(reference_attributes(attrs, self.numeric))
+        trend = self.volume_trend[idx.to(self.volume_trend.device)]
+        return losses.volume_trend_loss(losses.log_volumes(torch.softmax(logits, 1)),
+                                        losses.log_volumes(torch.softmax(ref_logits, 1)), trend)
 
 
 @torch.no_grad()
