@@ -19,6 +19,11 @@ DLMUSE `seg > 0`, as segmentation_benchmark.py does) is written once per perturb
              what the grid change alone costs, separate from the uint8 / white-matter scaling
   thick6     a 2 x 2 x 6 mm acquisition: 3 slices averaged along the voxel axis nearest to world S-I, then
              linearly interpolated back onto the 2 mm grid (labels unchanged)
+  thick6grid the same acquisition stored on its own grid (2 x 2 x 6 mm: one voxel per block of 3 slices, the
+             block's mean; mask: block mean > 0.5; labels on that grid: the block's middle slice), as a scanner
+             writes it. Scored on the clean 2 mm grid like conform (the label map carried back by nearest
+             neighbour, so its 6 mm slices cost Dice by themselves); the tool reads the slice thickness from
+             the header and blurs the template to match in its refinement (inference.acquisition)
   mni152     one extra subject: FSL's MNI152 T1 inside its DLMUSE > 0 mask, with its DLMUSE labels, on the
              1 mm DLMUSE grid (182 x 218 x 182, LPS). The shared data hold the 2 mm T1 only; it is resampled
              (trilinear) onto that 1 mm grid. NB the ANTs methods use the same MNI152 brain as their atlas,
@@ -34,6 +39,8 @@ the AtlasMorph and ANTs code is segmentation_methods.py's, imported):
                       test-time refinement (what `atlasmorph segment IMG --mask MASK --age A --sex S` does);
                       MNI152: the population-average template (no attributes)
   atlasmorph-refine0  the same with `--refine 0`
+  atlasmorph-noblur   the default refinement against the sharp template even where the header gives thick voxels
+                      (the tool's refinement before the acquisition blur; differs from atlasmorph only there)
   ants-affine         ants.registration(fixed=subject at 2 mm, moving=MNI152 2 mm brain, 'Affine'), labels pulled
                       from the MNI152 1 mm DLMUSE map ('genericLabel')
   ants-syn            the same with 'SyN' (antspyx default)
@@ -84,6 +91,7 @@ PERTURBATIONS: dict[str, dict] = {
     # control, not in the default set: the conformed grid with the clean float intensities (geometry only)
     "conform-float": {"kind": "conform", "size": 256, "voxel_mm": 1.0, "wm_value": None},
     "thick6": {"kind": "thick", "factor": 3},
+    "thick6grid": {"kind": "thick_grid", "factor": 3},
     "mni152": {"kind": "mni152"},
 }
 DEFAULT_PERTURBATIONS = tuple(p for p in PERTURBATIONS if p != "conform-float")
@@ -95,14 +103,18 @@ PERTURBATION_LABEL = {
     "conform": "FreeSurfer-conformed (1 mm, 256³, LIA, uint8, WM = 110)",
     "conform-float": "conformed grid only (1 mm, 256³, LIA; float, intensities as clean)",
     "thick6": "thick slices (2 × 2 × 6 mm, axial)",
+    "thick6grid": "thick slices on their own 2 × 2 × 6 mm grid",
     "mni152": "MNI152 T1 as a subject (1 mm grid)",
 }
-METHODS = ("atlasmorph", "atlasmorph-refine0", "ants-affine", "ants-syn")
-OURS = ("atlasmorph", "atlasmorph-refine0")
+METHODS = ("atlasmorph", "atlasmorph-refine0", "atlasmorph-noblur", "ants-affine", "ants-syn")
+DEFAULT_METHODS = tuple(m for m in METHODS if m != "atlasmorph-noblur")
+OURS = ("atlasmorph", "atlasmorph-refine0", "atlasmorph-noblur")
+REGRIDDED = ("conform", "thick_grid")  # kinds whose results are also scored on the clean 2 mm grid
 ANTS_TRANSFORMS = {"ants-affine": "Affine", "ants-syn": "SyN"}
 METHOD_LABEL = {
     "atlasmorph": "AtlasMorph (default refinement)",
     "atlasmorph-refine0": "AtlasMorph `--refine 0`",
+    "atlasmorph-noblur": "AtlasMorph, refinement without the acquisition blur",
     "ants-affine": "ANTs affine",
     "ants-syn": "ANTs SyN",
 }
@@ -214,6 +226,24 @@ def thick_slices(data: np.ndarray, axis: int, factor: int = 3) -> np.ndarray:
     return ((1.0 - w) * means.take(lo, axis=axis) + w * means.take(lo + 1, axis=axis)).astype(np.float32)
 
 
+def thick_grid(brain: np.ndarray, mask: np.ndarray, index: np.ndarray, affine: np.ndarray, factor: int = 3):
+    """(image, mask, index, affine) of a thick-slice acquisition on its own grid: along the axis nearest S-I,
+    one voxel per block of `factor` slices (a trailing partial block is dropped) holding the block's mean,
+    the mask where the block is mostly brain, the labels of the block's middle slice, and the affine of the
+    block centres (voxel size x factor)."""
+    axis = slice_axis(affine)
+    n = np.shape(brain)[axis] // factor
+    blocks = lambda d: np.stack([np.take(d, np.arange(k * factor, (k + 1) * factor), axis=axis).mean(axis=axis)
+                                 for k in range(n)], axis=axis)
+    m = blocks(np.asarray(mask, dtype=np.float32)) > 0.5
+    image = blocks(np.asarray(brain, dtype=np.float32)) * m
+    idx = np.take(np.asarray(index), np.arange(n) * factor + (factor - 1) // 2, axis=axis)
+    step = np.eye(4)
+    step[axis, axis] = factor
+    step[axis, 3] = (factor - 1) / 2.0
+    return image.astype(np.float32), m, idx, np.asarray(affine, dtype=np.float64) @ step
+
+
 def perturb(brain, mask, index, affine, params: dict, seed: int):
     """(image, mask, index, affine) of one perturbation of a brain-extracted subject (not mni152)."""
     kind = params["kind"]
@@ -229,6 +259,8 @@ def perturb(brain, mask, index, affine, params: dict, seed: int):
         return conform(brain, mask, index, affine, params["size"], params["voxel_mm"], params["wm_value"])
     if kind == "thick":
         return thick_slices(brain, slice_axis(affine), params["factor"]) * mask, mask, index, affine
+    if kind == "thick_grid":
+        return thick_grid(brain, mask, index, affine, params["factor"])
     raise ValueError(f"unknown perturbation kind {kind!r}")
 
 
@@ -419,12 +451,13 @@ def markdown(res: dict) -> str:
     regrid = [p for p in perts if any(s[p][m].get("scored_on") == "clean 2 mm grid" for m in methods)]
     lines += ["", "MNI152: one image; its change is against the mean clean Dice of the IXI subjects."]
     if regrid:
-        lines += ["", f"{', '.join(regrid)}: the 1 mm label maps are carried back (nearest neighbour, world coordinates) "
-                  "onto the subject's original 2 mm grid and scored against its original labels, like clean. On the "
-                  "1 mm grid itself, against the labels upsampled by nearest neighbour, they score:", "",
+        lines += ["", f"{', '.join(regrid)}: the label maps on the input's grid (1 mm conformed; 6 mm thick slices) are "
+                  "carried back (nearest neighbour, world coordinates) onto the subject's original 2 mm grid and scored "
+                  "against its original labels, like clean. On the input's grid itself, against the labels carried "
+                  "there by nearest neighbour, they score:", "",
                   "| perturbation | " + " | ".join(METHOD_LABEL[m] for m in methods) + " |", "|---|" + "---|" * len(methods)]
         for p in regrid:
-            lines.append(f"| {PERTURBATION_LABEL[p]} (Dice on 1 mm) | " + " | ".join(_f(s[p][m].get("dice_on_input_grid"))
+            lines.append(f"| {PERTURBATION_LABEL[p]} (Dice on its grid) | " + " | ".join(_f(s[p][m].get("dice_on_input_grid"))
                                                                           for m in methods) + " |")
     lines.append("")
     ours = [m for m in methods if m in OURS]
@@ -490,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", type=Path, default=DEFAULT_SPLIT, help=f"split.json (default {DEFAULT_SPLIT.name})")
     common.add_data_option(ap)
     ap.add_argument("--subjects", type=int, default=3, help="first N validation subjects by id (default 3; 0: all)")
-    ap.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)} (default: all)")
+    ap.add_argument("--methods", default=None, help=f"comma list from {','.join(METHODS)} (default: all but atlasmorph-noblur)")
     ap.add_argument("--perturbations", default=None,
                     help=f"comma list from {','.join(PERTURBATIONS)} (default: all but conform-float; clean is always added)")
     ap.add_argument("--workdir", type=Path, default=Path("runs/ood"),
@@ -513,7 +546,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     refine = REFINE_STEPS if args.refine is None else args.refine
-    methods = _csv_list(args.methods, METHODS, METHODS)
+    methods = _csv_list(args.methods, METHODS, DEFAULT_METHODS)
     perts = _csv_list(args.perturbations, tuple(PERTURBATIONS), DEFAULT_PERTURBATIONS)
     if "clean" not in perts:
         perts.insert(0, "clean")
@@ -557,18 +590,20 @@ def main(argv: list[str] | None = None) -> int:
                 "input_sha256": [content_sha256(f[k]) for k in ("t1", "mask", "seg")]}
         if m in OURS:
             conditional = r.get("age") is not None and r.get("sex") is not None
-            steps = refine if m == "atlasmorph" else 0
+            steps = 0 if m == "atlasmorph-refine0" else refine
             return {**base, "kind": "ours", "method": m, "model": str(Path(model_path).resolve()),
                     "refine": steps, "refine_lr": REFINE_LR, "conditional": conditional,
                     "attrs": {"age": float(r["age"]), "sex": r["sex"]} if conditional else None,
-                    **refine_loss_entry(args.refine_loss, steps)}
+                    **refine_loss_entry(args.refine_loss, steps),
+                    **({"acquisition_blur": False} if m == "atlasmorph-noblur" else {})}
         return {**base, "kind": "ants", "method": m, "transform": ANTS_TRANSFORMS[m],
                 "template": str(mni_t1), "template_labels": str(mni_labels)}
 
     def regridded(m: str, p: str, r: dict, task: dict, rec: dict, cache: Path, cached: bool) -> dict:
-        """For a conformed input: the result carried back to the clean 2 mm grid ("dice_clean_grid"),
+        """For an input on another grid (conformed, thick slices on their own grid): the result carried back to the
+        clean 2 mm grid ("dice_clean_grid"),
         from the prediction the worker wrote (a cached result without it is run again)."""
-        if PERTURBATIONS[p]["kind"] != "conform" or "error" in rec or rec.get("dice_clean_grid") is not None:
+        if PERTURBATIONS[p]["kind"] not in REGRIDDED or "error" in rec or rec.get("dice_clean_grid") is not None:
             return rec
         if args.cached_only:
             return rec
@@ -612,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
         for p, r in cases:
             task = make_task(m, p, r)
             cache = result_file(results_dir, task, p)
-            if PERTURBATIONS[p]["kind"] == "conform":
+            if PERTURBATIONS[p]["kind"] in REGRIDDED:
                 task["pred_out"] = str(workdir / "predictions" / m / p / f"{r['subject']}.nii.gz")
             rec, cached = run_cached(task, cache, run=not args.cached_only)
             if rec is None:

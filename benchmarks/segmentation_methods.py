@@ -114,7 +114,8 @@ def _ours(task: dict) -> dict:
     t0, c0 = time.perf_counter(), time.process_time()
     vec, _ = encode_attributes(model, attrs)
     reg = register_subject(model, brain, vec, mask_vol, refine=task["refine"], refine_lr=task["refine_lr"],
-                           refine_loss=task.get("refine_loss", "model"))
+                           refine_loss=task.get("refine_loss", "model"),
+                           acquisition_blur=task.get("acquisition_blur", True))
     seg, _ = reg.labels_to_native()
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
 

@@ -32,16 +32,11 @@ VARIANTS = ("default", "blurT", "blurBoth")
 
 
 def thick_blur(x, axis: int = 2):
-    """The thick6 blur along `axis` of a (B, 1, X, Y, Z) tensor (edges replicated)."""
-    import torch
-    import torch.nn.functional as F
+    """The thick6 blur along `axis` of a (B, 1, X, Y, Z) tensor (edges replicated): the tool's acquisition blur
+    of a 3-voxel slice (inference.acquisition), which it applies itself only where the header says so."""
+    from atlasmorph_cli.inference.acquisition import acquisition_blur
 
-    kernel = torch.tensor([1.0, 2.0, 3.0, 2.0, 1.0]) / 9.0
-    shape = [1, 1, 1]
-    shape[axis] = 5
-    pad = [0] * 6
-    pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = 2
-    return F.conv3d(F.pad(x, pad, mode="replicate"), kernel.view(1, 1, *shape))
+    return acquisition_blur(x, tuple(3 if a == axis else 1 for a in range(3)))
 
 
 def image_term(variant: str):

@@ -285,3 +285,22 @@ def test_a_failed_run_is_named_and_its_mean_marked():
                        "seed": 0, "threads": 1, "machine": "here", "versions": {"torch": "1"}, "methods": methods,
                        "perturbations": ["clean"], "summary": s, "notes": []})
     assert "0.780 (n = 1)" in md and "Failed runs" in md and ": a." in md
+
+
+def test_thick_grid_is_the_block_means_on_a_grid_of_block_centres():
+    """thick6grid: one voxel per block of 3 slices along S-I holding the block's mean, the labels of its middle
+    slice, and an affine whose voxel centres are the blocks' centres in world space."""
+    rng = np.random.default_rng(0)
+    aff = psr_affine()
+    brain = rng.normal(size=(4, 10, 5)).astype(np.float32)  # PSR: axis 1 is S-I; 10 slices -> 3 blocks
+    mask = np.ones_like(brain, dtype=bool)
+    mask[:, 9] = False
+    index = rng.integers(0, 35, size=brain.shape)
+    image, m, idx, new = ood.thick_grid(brain, mask, index, aff, 3)
+    assert image.shape == m.shape == idx.shape == (4, 3, 5)
+    np.testing.assert_allclose(image[:, 1], brain[:, 3:6].mean(1), atol=1e-6)
+    np.testing.assert_array_equal(idx[:, 2], index[:, 7])
+    for k in range(3):
+        np.testing.assert_allclose(_world(new, (0, k, 0)), _world(aff, (0, 3 * k + 1, 0)), atol=1e-9)
+    np.testing.assert_allclose(np.linalg.norm(new[:3, :3], axis=0), np.linalg.norm(aff[:3, :3], axis=0) * [1, 3, 1])
+    assert ood.PERTURBATIONS["thick6grid"]["kind"] in ood.REGRIDDED and "atlasmorph-noblur" not in ood.DEFAULT_METHODS

@@ -256,7 +256,33 @@ def test_template_stage_trains_the_template_alone(cohort, trained, tmp_path):
     with pytest.raises(AtlasMorphError, match="--init"):
         train(settings(cohort, tmp_path / "no-init", stage="template"), ref)
     with pytest.raises(AtlasMorphError, match="--stage"):
-        train(settings(cohort, tmp_path / "bad", stage="registration", init=deform / "model.safetensors"), ref)
+        train(settings(cohort, tmp_path / "bad", stage="both", init=deform / "model.safetensors"), ref)
+
+
+def test_registration_stage_trains_the_registration_alone(cohort, trained, tmp_path):
+    """--stage registration: the template network of --init (its residual, deformation and range) stays bit for
+    bit, the registration network learns from the joint step's terms, the volume term is not scored (the
+    template cannot move), and without --init it is refused."""
+    import csv
+
+    ref = small_reference()
+    deform = tmp_path / "deform"
+    train(settings(cohort, deform, steps=4, init=trained / "model.safetensors"), ref)
+    out = tmp_path / "stage"
+    w = LossWeights(image=1.0, smooth=0.05, centrality=0.1, volume=10.0)
+    train(settings(cohort, out, steps=6, lr=1e-3, stage="registration", init=deform / "model.safetensors",
+                   weights=w), ref)
+    before, after = load_file(str(deform / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    template = [k for k in before if k.startswith("template_net.")]
+    assert any(k.split(".")[-1] == "shape_coef" for k in template)
+    for k in template:
+        torch.testing.assert_close(after[k], before[k], rtol=0, atol=0, msg=k)
+    assert any(not torch.equal(after[k], before[k]) for k in before if k.startswith("reg_net."))
+    rows = list(csv.DictReader(open(out / "history.csv")))
+    assert set(rows[0]) >= {"image", "seg", "smooth"} and "volume" not in rows[0]
+    assert load_model(out / "model.safetensors").config.training["stage"] == "registration"
+    with pytest.raises(AtlasMorphError, match="--init"):
+        train(settings(cohort, tmp_path / "no-init", stage="registration"), ref)
 
 
 def test_template_stage_resumes_exactly(cohort, trained, tmp_path):

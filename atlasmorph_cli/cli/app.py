@@ -150,7 +150,8 @@ def train_command(
     stage: str = typer.Option(
         "joint", help="joint: train both networks. template: fine-tune the template network of --init alone, its "
                       "registration frozen and every loss at full resolution (a short last stage: v3's; "
-                      "docs/training.md)."),
+                      "docs/training.md). registration: fine-tune the registration network of --init alone, "
+                      "toward its frozen templates (the template's deformation is not refitted)."),
     bandwidth: float = typer.Option(0.5, help="Centrality kernel bandwidth in normalised attribute units."),
     val_fraction: float = typer.Option(0.15, min=0.0, max=0.9, help="Fraction of subjects held out (by subject)."),
     split: Optional[Path] = typer.Option(None, "--split", help="Reuse the train/validation subjects of this split.json "

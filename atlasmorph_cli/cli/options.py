@@ -22,7 +22,9 @@ GROUP: Any = None  # the default of a group parameter (with_option_groups replac
 ModelOpt = typer.Option(None, "--model", "-m", help="Model file (.safetensors); default: the shipped model.")
 ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores).")
 RefineOpt = typer.Option(REFINE_STEPS, "--refine", min=0, help="Instance-optimisation steps on the network's warp "
-                         "for this subject (Adam, lr 0.05; about 0.2 s each; 0: the network's warp as is).")
+                         "for this subject (Adam, lr 0.05; about 0.2 s each; 0: the network's warp as is). Where the "
+                         "input's voxels are 3 mm or coarser (thick slices, read from the header), the template is "
+                         "blurred the same way before the comparison.")
 RefineLossOpt = typer.Option(REFINE_LOSS, "--refine-loss", help="Image term of the refinement: 'ncc' (local NCC, "
                              "robust to another scanner's contrast and scaling; docs/ood.md) or 'model' (the term "
                              "the model was trained with, MSE for the shipped model; a little faster).")

@@ -12,6 +12,7 @@ import torch
 from ..model.layers import warp
 from ..model.losses import get_image_loss, gradient_l2
 from ..model.networks import velocity_to_displacements
+from .acquisition import acquisition_blur
 from .refine_defaults import REFINE_LR
 
 
@@ -26,11 +27,13 @@ def refine_velocity(
     w_smooth: float = 1.0,
     image_loss: str = "mse",
     int_steps: int = 7,
+    blur: tuple[int, int, int] = (1, 1, 1),
 ) -> torch.Tensor:
     """Velocity (B,3,X/2,Y/2,Z/2) after `steps` Adam steps on w_image * image(subject, warped template)
     + w_smooth * gradient L2 of the half-resolution displacement (the training objective without labels).
 
-    subject and template_t1 are (B,1,X,Y,Z) on the model grid; the input velocity is left untouched.
+    subject and template_t1 are (B,1,X,Y,Z) on the model grid; the input velocity is left untouched. `blur`:
+    the subject's acquisition blur per model axis (inference.acquisition), applied to the warped template.
     """
     if steps < 0:
         raise ValueError("steps must be >= 0")
@@ -44,7 +47,7 @@ def refine_velocity(
         for step in range(1, steps + 1):
             vel.grad = None
             full, _, half = velocity_to_displacements(vel, int_steps, inverse=False)
-            moved = warp(template_t1, full)
+            moved = acquisition_blur(warp(template_t1, full), blur)
             loss = w_image * image(subject, moved) + w_smooth * gradient_l2(half)
             loss.backward()
             with torch.no_grad():

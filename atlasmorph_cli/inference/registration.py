@@ -23,6 +23,7 @@ from ..model.model_file import AtlasMorph
 from ..model.layers import jacobian_determinant, sample_at, splat_weights
 from ..model.networks import velocity_to_displacements
 from ..errors import AtlasMorphError
+from .acquisition import slice_blur_widths
 from .refine import refine_velocity
 from .refine_defaults import NCC_REFINE_WEIGHT, REFINE_LOSS, REFINE_LOSSES, REFINE_LR, REFINE_STEPS
 from .template import Template, make_template
@@ -193,10 +194,13 @@ def subject_brain(subject: Volume, mask: Volume | None) -> tuple[np.ndarray, np.
 @torch.no_grad()
 def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | None, mask: Volume | None = None,
              refine: int = REFINE_STEPS, refine_lr: float = REFINE_LR, template: Template | None = None,
-             refine_loss: str = REFINE_LOSS, world: np.ndarray | None = None) -> Registration:
+             refine_loss: str = REFINE_LOSS, world: np.ndarray | None = None,
+             acquisition_blur: bool = True) -> Registration:
     """Affine + deformable registration of a subject to its attribute-matched template (or to `template`,
     e.g. one read by --template or one being built); `refine` > 0 adds that many instance-optimisation
-    steps (Adam, `refine_lr`, image term `refine_loss`) on the RegNet's velocity (inference.refine).
+    steps (Adam, `refine_lr`, image term `refine_loss`) on the RegNet's velocity (inference.refine), comparing
+    the subject with the template blurred as the subject's voxels blur it (thick slices; inference.acquisition;
+    `acquisition_blur=False` compares with the sharp template, for benchmarks).
     `world` (template grid world -> subject world), when given, is used instead of fitting the affine
     (build keeps each subject's first-round affine)."""
     tmpl = template if template is not None else make_template(model, attrs)
@@ -207,7 +211,8 @@ def register_subject(model: AtlasMorph, subject: Volume, attrs: torch.Tensor | N
     t1 = torch.from_numpy(tmpl.t1)[None, None]
     vel = model.reg_net(x, t1)
     if refine:
-        vel = refine_velocity(vel, x, t1, refine, lr=refine_lr, **refine_weights(model, refine_loss))
+        blur = slice_blur_widths(subject.affine, world, tmpl.grid.affine) if acquisition_blur else (1, 1, 1)
+        vel = refine_velocity(vel, x, t1, refine, lr=refine_lr, blur=blur, **refine_weights(model, refine_loss))
     fwd, inv, _ = velocity_to_displacements(vel, model.config.int_steps)
     return Registration(tmpl, world, fwd[0], inv[0], subject, brain, vel[0])
 

@@ -37,7 +37,7 @@ from .split import apply_split, read_split, split_subjects, usable_subjects
 from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_template_shape, validate
 from .volume_prior import volume_trends
 
-STAGES = ("joint", "template")
+STAGES = ("joint", "template", "registration")
 
 
 @dataclass
@@ -124,8 +124,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     s.out.mkdir(parents=True, exist_ok=True)
     if s.stage not in STAGES:
         raise AtlasMorphError(f"--stage must be {' or '.join(STAGES)}, got '{s.stage}'")
-    if s.stage == "template" and s.init is None:
-        raise AtlasMorphError("--stage template fine-tunes the template of a trained model: give it with --init")
+    if s.stage != "joint" and s.init is None:
+        raise AtlasMorphError(f"--stage {s.stage} fine-tunes one network of a trained model: give it with --init")
     init_model = load_model(s.init) if s.init else None
     names = init_model.config.encoder.names if init_model else s.attributes
     subjects, dropped = usable_subjects(subjects, names)
@@ -186,8 +186,9 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         model.template_net.init_base(tr_t1.mean(0), label_frequencies(tr_lab[has_lab]))
     model.train()
     template_only = s.stage == "template"
-    if template_only:  # the registration of --init stays as it is
-        for p in model.reg_net.parameters():
+    frozen = {"template": model.reg_net, "registration": model.template_net}.get(s.stage)
+    if frozen is not None:  # a stage trains one network; the other stays as --init has it
+        for p in frozen.parameters():
             p.requires_grad_(False)
 
     trend, numeric = None, None
@@ -221,7 +222,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     step, history = 0, []
     if s.resume:  # its presence was checked before the cohort was prepared
         step, history = load_checkpoint(ckpt, model, optimizer, gen, memory)
-    elif deform and not template_only:  # (a template stage keeps --init's deformation and its range)
+    elif deform and s.stage == "joint":  # (a stage keeps --init's deformation and its range)
         model.template_net.set_attribute_range(tr_attr.to(device))
         fill_shape_memory(model, tr_t1, tr_attr, memory, my_idx)
         refit_template_shape(model, memory)

@@ -90,18 +90,20 @@ class TrainingStep(torch.nn.Module):
         self.image_loss = losses.get_image_loss(settings.image_loss)
         self.bandwidth = settings.bandwidth
         self.template_only = settings.stage == "template"
+        self.trains_template = settings.stage != "registration"
 
     def forward(self, x, x_seen, labels, has_labels, attrs, idx, mem_fields, mem_attrs, mem_filled):
         """x: the clean subjects every loss scores; x_seen: what RegNet is given (x itself, or augmented).
         Also returns, with a deformable template, each subject's deformation target w(a) + v (detached)."""
         if self.template_only:
             return self.template_terms(x, x_seen, labels, has_labels, attrs, idx)
-        tmpl = self.model.template_net.forward_train(attrs)
+        with torch.set_grad_enabled(self.trains_template and torch.is_grad_enabled()):
+            tmpl = self.model.template_net.forward_train(attrs)
         t1_t, logits_half, tvel = tmpl["t1"], tmpl["logits"], tmpl["vel"]
         reg = self.model.predict_warps(x_seen, t1_t.detach())  # the template learns from the losses, not via RegNet's input
         terms = {"image": self.image_loss(warp(t1_t, reg["fwd"]), x)}
         target = None
-        if tvel is not None:  # subject ~ base o exp(w + v): the template's velocity w is refitted toward w + v
+        if tvel is not None and self.trains_template:  # subject ~ base o exp(w + v): w is refitted toward w + v
             target = shape_target(self.model, attrs, reg["vel"])
             terms["off_centre"] = (quarter_velocity(reg["vel"].detach()) ** 2).sum(1).mean()  # what the next refit moves
         if self.w.image_inverse:
@@ -144,8 +146,9 @@ class TrainingStep(torch.nn.Module):
 
     @property
     def scores_volume(self) -> bool:
-        """--w-volume with numeric attributes (without them the reference is the template itself: no term)."""
-        return bool(self.w.volume) and bool(self.numeric.any())
+        """--w-volume with numeric attributes (without them the reference is the template itself: no term), while
+        the template learns (the registration stage freezes it)."""
+        return bool(self.w.volume) and bool(self.numeric.any()) and self.trains_template
 
     def volume_term(self, logits, label_logits, attrs, idx):
         """The template's log-volume change from its reference template (numeric attributes at their mean)
