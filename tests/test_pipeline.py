@@ -156,3 +156,34 @@ def test_refine_option_reaches_the_registration(tmp_path, mni_model, subject, mo
                                              mni_model, "-o", tmp_path / "seg.nii.gz", *extra)])
     assert r.exit_code == 1 and seen == {"refine": expect}
     assert not (tmp_path / "seg.nii.gz").exists()
+
+
+def test_thick_slices_on_their_own_grid_are_refined_against_a_blurred_template(tmp_path, mni_model, subject,
+                                                                                monkeypatch):
+    """A 2 x 2 x 6 mm acquisition stored on its own grid: `segment` reads the slice thickness from the header, its
+    refinement blurs the template along the model's S-I axis by 3 voxels, and the labels come out on that grid."""
+    from atlasmorph_cli.inference import registration
+
+    path, _, row = subject
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    axis = int(np.argmax(np.abs(img.affine[2, :3])))  # the voxel axis nearest S-I
+    n = data.shape[axis] // 3
+    thick = np.stack([np.take(data, range(3 * k, 3 * k + 3), axis=axis).mean(axis) for k in range(n)], axis=axis)
+    step = np.eye(4)
+    step[axis, axis], step[axis, 3] = 3.0, 1.0
+    nib.save(nib.Nifti1Image(thick, img.affine @ step), str(tmp_path / "thick.nii.gz"))
+    seen = {}
+    original = registration.refine_velocity
+
+    def spy(*args, blur, **kw):
+        seen["blur"] = blur
+        return original(*args, blur=blur, **kw)
+
+    monkeypatch.setattr(registration, "refine_velocity", spy)
+    invoke("segment", tmp_path / "thick.nii.gz", "--age", row["age"], "--sex", row["sex"], "--model", mni_model,
+           "-o", tmp_path / "seg.nii.gz")
+    assert seen["blur"] == (1, 1, 3)
+    seg = nib.load(str(tmp_path / "seg.nii.gz"))
+    assert seg.shape == thick.shape
+    np.testing.assert_allclose(seg.affine, img.affine @ step, atol=1e-4)
