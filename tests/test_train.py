@@ -271,7 +271,7 @@ def test_registration_stage_trains_the_registration_alone(cohort, trained, tmp_p
     out = tmp_path / "stage"
     w = LossWeights(image=1.0, smooth=0.05, centrality=0.1, volume=10.0)
     train(settings(cohort, out, steps=6, lr=1e-3, stage="registration", init=deform / "model.safetensors",
-                   weights=w), ref)
+                   weights=w, name="reg-stage"), ref)
     before, after = load_file(str(deform / "model.safetensors")), load_file(str(out / "model.safetensors"))
     template = [k for k in before if k.startswith("template_net.")]
     assert any(k.split(".")[-1] == "shape_coef" for k in template)
@@ -281,6 +281,9 @@ def test_registration_stage_trains_the_registration_alone(cohort, trained, tmp_p
     rows = list(csv.DictReader(open(out / "history.csv")))
     assert set(rows[0]) >= {"image", "seg", "smooth"} and "volume" not in rows[0]
     assert load_model(out / "model.safetensors").config.training["stage"] == "registration"
+    # --name names the fine-tuned model; without it the model keeps --init's name
+    assert load_model(out / "model.safetensors").config.name == "reg-stage"
+    assert load_model(deform / "model.safetensors").config.name == load_model(trained / "model.safetensors").config.name
     with pytest.raises(AtlasMorphError, match="--init"):
         train(settings(cohort, tmp_path / "no-init", stage="registration"), ref)
 

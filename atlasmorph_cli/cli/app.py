@@ -165,7 +165,8 @@ def train_command(
                                              "MNI152 brain of $ATLASMORPH_DATA (default: MNI152 "
                                              "from $ATLASMORPH_DATA, or the --init model's template)."),
     cache: Optional[Path] = typer.Option(None, help="Cache of prepared subjects (default: OUT/cache)."),
-    name: str = typer.Option("atlasmorph-custom", help="Model name stored in the file."),
+    name: str = typer.Option("atlasmorph-custom", help="Model name stored in the file (with --init, default: "
+                                                      "the --init model's name)."),
     threads: Optional[int] = ThreadsOpt,
     workers: int = typer.Option(2, min=1, help="Processes for cohort preparation."),
     device: str = typer.Option("cpu", help="cpu or cuda (the first GPU, or the LOCAL_RANK one under torchrun)."),

@@ -38,6 +38,7 @@ from .step import TrainingStep, fill_shape_memory, label_frequencies, refit_temp
 from .volume_prior import volume_trends
 
 STAGES = ("joint", "template", "registration")
+DEFAULT_NAME = "atlasmorph-custom"  # the model name when --name is not given
 
 
 @dataclass
@@ -75,7 +76,7 @@ class TrainSettings:
     # "joint": both networks learn; "template": the template network alone, the registration of --init frozen and
     # every loss at full resolution (a short second stage; docs/conditioning.md)
     stage: str = "joint"
-    name: str = "atlasmorph-custom"
+    name: str = DEFAULT_NAME
     quiet: bool = False
     bids: BidsSelection | None = None  # BIDS dataset: --participant-label/--session-label/--bids-filter
     seg_derivatives: str | None = None  # BIDS dataset: the derivatives folder with the dseg files
@@ -175,6 +176,8 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
         template_deform=s.template_deform)
     if init_model is not None and s.template_deform:
         config.template_deform = True
+    if init_model is not None and s.name != DEFAULT_NAME:  # a fine-tune keeps --init's name unless given one
+        config.name = s.name
     config.loss_weights = asdict(s.weights)
     config.training = {"steps": s.steps, "batch_size": s.batch_size, "lr": s.lr, "image_loss": s.image_loss,
                        "seed": s.seed, "n_train": len(train_subj), "n_val": len(val_subj),
