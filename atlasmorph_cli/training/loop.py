@@ -74,7 +74,8 @@ class TrainSettings:
     augment: bool = True  # RegNet sees bias/contrast/noise/thick-slice perturbed subjects; losses use the clean ones
     augment_fraction: float = 1.0  # of the subjects shown to RegNet, the fraction perturbed (the rest clean)
     # "joint": both networks learn; "template": the template network alone, the registration of --init frozen and
-    # every loss at full resolution (a short second stage; docs/conditioning.md)
+    # every loss at full resolution (a short second stage; docs/conditioning.md); "registration": the registration
+    # network alone, the template of --init frozen and not refitted
     stage: str = "joint"
     name: str = DEFAULT_NAME
     quiet: bool = False
@@ -124,7 +125,7 @@ def train(s: TrainSettings, reference: np.ndarray) -> Path:
     runs.check_out_folder(s.out, s.resume)  # a new run never replaces a finished (or killed) one
     s.out.mkdir(parents=True, exist_ok=True)
     if s.stage not in STAGES:
-        raise AtlasMorphError(f"--stage must be {' or '.join(STAGES)}, got '{s.stage}'")
+        raise AtlasMorphError(f"--stage must be one of {', '.join(STAGES)}; got '{s.stage}'")
     if s.stage != "joint" and s.init is None:
         raise AtlasMorphError(f"--stage {s.stage} fine-tunes one network of a trained model: give it with --init")
     init_model = load_model(s.init) if s.init else None
