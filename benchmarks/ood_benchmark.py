@@ -207,13 +207,20 @@ def slice_axis(affine: np.ndarray) -> int:
     return int(np.argmax(np.abs(a[2]) / np.linalg.norm(a, axis=0)))
 
 
+def block_means(data: np.ndarray, axis: int, starts, factor: int) -> np.ndarray:
+    """The means of the blocks of `factor` slices along `axis` that begin at `starts` (a block running past the
+    end is shorter), stacked along `axis`: what a thick-slice acquisition records."""
+    n = data.shape[axis]
+    return np.stack([data.take(np.arange(s, min(s + factor, n)), axis=axis).mean(axis=axis) for s in starts], axis=axis)
+
+
 def thick_slices(data: np.ndarray, axis: int, factor: int = 3) -> np.ndarray:
     """A thick-slice acquisition on the same grid: blocks of `factor` slices along `axis` averaged (the last
     block may be shorter), then linearly interpolated back between the block centres (constant beyond)."""
     d = np.asarray(data, dtype=np.float32)
     n = d.shape[axis]
     starts = np.arange(0, n, factor)
-    means = np.stack([d.take(np.arange(s, min(s + factor, n)), axis=axis).mean(axis=axis) for s in starts], axis=axis)
+    means = block_means(d, axis, starts, factor)
     centres = np.array([(s + min(s + factor, n) - 1) / 2.0 for s in starts])
     if len(starts) == 1:
         return np.repeat(means, n, axis=axis).astype(np.float32)
@@ -233,11 +240,10 @@ def thick_grid(brain: np.ndarray, mask: np.ndarray, index: np.ndarray, affine: n
     block centres (voxel size x factor)."""
     axis = slice_axis(affine)
     n = np.shape(brain)[axis] // factor
-    blocks = lambda d: np.stack([np.take(d, np.arange(k * factor, (k + 1) * factor), axis=axis).mean(axis=axis)
-                                 for k in range(n)], axis=axis)
-    m = blocks(np.asarray(mask, dtype=np.float32)) > 0.5
-    image = blocks(np.asarray(brain, dtype=np.float32)) * m
-    idx = np.take(np.asarray(index), np.arange(n) * factor + (factor - 1) // 2, axis=axis)
+    starts = np.arange(n) * factor
+    m = block_means(np.asarray(mask, dtype=np.float32), axis, starts, factor) > 0.5
+    image = block_means(np.asarray(brain, dtype=np.float32), axis, starts, factor) * m
+    idx = np.take(np.asarray(index), starts + (factor - 1) // 2, axis=axis)
     step = np.eye(4)
     step[axis, axis] = factor
     step[axis, 3] = (factor - 1) / 2.0
